@@ -1,0 +1,31 @@
+# pedlightning: `make demo` trains and tests a reID model on built-in synthetic data; `make test` runs the suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+export HF_HUB_OFFLINE := 1
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# uv, not pip: pip here prefers a local CPU-only torch wheel that the registry's torchvision cannot load
+# next to (see NOTES.md). Versions are pinned in constraints.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
+	uv venv -q --allow-existing --python "$$(command -v $(PYTHON))" $(VENV)
+	VIRTUAL_ENV=$(VENV) uv pip install -q -e ".[dev,rich,tensorboard]" -c constraints.txt
+	touch $@
+
+demo: install
+	$(VENV)/bin/pedlightning fit --config configs/demo/reid_market_synthetic.yaml
+	$(VENV)/bin/pedlightning test --config configs/demo/reid_market_synthetic.yaml --ckpt_path last
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/reid_eval.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,3 @@
+"""pedlightning: a PyTorch Lightning framework for pedestrian analysis."""
+
+__version__ = "0.1.0"
