@@ -1,1 +1,6 @@
-"""tasks."""
+"""LightningModules: one per task or paper."""
+
+from pedlightning.tasks.base import TaskModule
+from pedlightning.tasks.reid import ReIDModule
+
+__all__ = ["ReIDModule", "TaskModule"]

@@ -1,0 +1,1 @@
+"""Data: on-disk parsers (sources), synthetic data, transforms, samplers and LightningDataModules."""

@@ -1,0 +1,5 @@
+"""LightningDataModules over the dataset sources."""
+
+from pedlightning.data.datamodules.reid import ReIDDataModule
+
+__all__ = ["ReIDDataModule"]

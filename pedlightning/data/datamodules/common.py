@@ -1,0 +1,64 @@
+"""Pieces every pedlightning DataModule shares: synthetic data on demand and DDP-aware loaders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pedlightning.errors import ConfigError
+
+
+def is_empty_dir(path: str) -> bool:
+    return not os.path.isdir(path) or not any(os.scandir(path))
+
+
+def synthesize_if_missing(name: str, root: str, synthesize: bool, writer_kwargs: dict | None = None) -> bool:
+    """Write the synthetic version of dataset ``name`` into ``root`` if asked and ``root`` is missing or empty.
+
+    Returns whether data was written. Writers are atomic, so concurrent ranks cannot leave a partial tree.
+    """
+    if not synthesize or not is_empty_dir(root):
+        return False
+    from pedlightning.data.synthetic import SYNTHETIC_WRITERS
+
+    if name not in SYNTHETIC_WRITERS:
+        raise ConfigError(f"no synthetic writer for dataset {name!r}; available: {sorted(SYNTHETIC_WRITERS)}")
+    SYNTHETIC_WRITERS[name](root, **(writer_kwargs or {}))
+    return True
+
+
+def world(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(world_size, global_rank) of the attached trainer, (1, 0) without one."""
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
+
+
+def require_own_sampling(trainer: L.Trainer | None) -> None:
+    """pedlightning DataModules shard their own data across ranks; Lightning's automatic sampler must be off."""
+    if trainer is None or trainer.world_size == 1:
+        return
+    if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        raise ConfigError("pedlightning DataModules split data across processes themselves (identity samplers, "
+                          "padded evaluation): create the Trainer with use_distributed_sampler=False "
+                          "(the pedlightning CLI sets this by default)")
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer: L.Trainer | None,
+                collate_fn=None) -> DataLoader:
+    """An in-order loader; under DDP each rank gets a padded shard (metrics drop the padding by index)."""
+    world_size, rank = world(trainer)
+    sampler = (DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+               if world_size > 1 else None)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                      pin_memory=True, persistent_workers=num_workers > 0, collate_fn=collate_fn)
+
+
+def as_size(value: Sequence[int]) -> tuple[int, int]:
+    size = tuple(int(v) for v in value)
+    if len(size) != 2 or min(size) <= 0:
+        raise ConfigError(f"img_size must be [height, width] with positive values, got {list(value)}")
+    return size  # type: ignore[return-value]

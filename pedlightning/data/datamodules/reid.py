@@ -1,0 +1,98 @@
+"""ReIDDataModule: Market-1501, DukeMTMC-reID, Occluded-Duke and MSMT17 with a P x K identity sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from pedlightning.data.datamodules.common import (as_size, eval_loader, require_own_sampling,
+                                                  synthesize_if_missing, world)
+from pedlightning.data.datasets import RecordDataset
+from pedlightning.data.samplers import IdentityBatchSampler
+from pedlightning.data.sources import build_reid_source
+from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+from pedlightning.errors import DatasetLayoutError
+
+
+class ReIDDataModule(L.LightningDataModule):
+    """Supervised person re-identification data.
+
+    Train batches come from :class:`IdentityBatchSampler` (``batch_size / num_instances`` identities x
+    ``num_instances`` images). Validation and test both return two loaders, ``[query, gallery]``: reID
+    benchmarks have no validation split, so validation evaluates on the test split, as TransReID and fast-reid do.
+
+    Args:
+        dataset: ``market1501``, ``dukemtmc``, ``occluded_duke`` or ``msmt17``.
+        root: dataset folder (the parsers also accept the usual sub-folder inside it).
+        dataset_kwargs: protocol switches passed to the parser, e.g. MSMT17's
+            ``{version: V1, train_with_val: true}`` — they change the numbers, so configs state them.
+        synthesize: when ``root`` is missing or empty, write the built-in synthetic version of ``dataset``
+            there in ``prepare_data()`` (``synthetic`` holds the writer's keyword arguments).
+        img_size: ``[height, width]`` of the network input.
+        batch_size, num_instances: P x K sampling; ``batch_size`` is per process.
+        mean, std: normalisation (ImageNet by default; TransReID's ViTs use 0.5).
+        flip_prob, padding, erasing_prob: training augmentation (Bag of Tricks / TransReID defaults).
+        seed: sampler seed, shared by all ranks.
+    """
+
+    def __init__(self, dataset: str = "market1501", root: str = "data/market1501", dataset_kwargs: dict | None = None,
+                 synthesize: bool = False, synthetic: dict | None = None, img_size: Sequence[int] = (256, 128),
+                 batch_size: int = 64, num_instances: int = 4, test_batch_size: int = 128, num_workers: int = 4,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip_prob: float = 0.5,
+                 padding: int = 10, erasing_prob: float = 0.5, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.img_size = as_size(img_size)
+        self.source = None
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        synthesize_if_missing(hp.dataset, hp.root, hp.synthesize, hp.synthetic)
+
+    def _load_source(self):
+        if self.source is None:
+            hp = self.hparams
+            try:
+                self.source = build_reid_source(hp.dataset, hp.root, **(hp.dataset_kwargs or {}))
+            except DatasetLayoutError as err:
+                hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write a synthetic dataset there)"
+                raise DatasetLayoutError(f"{err}{hint}") from err
+            rank_zero_info(self.source.stats_table())
+        return self.source
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_source()
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities (the classifier's width)."""
+        return self._load_source().num_train_pids
+
+    def train_dataloader(self) -> DataLoader:
+        hp, source = self.hparams, self._load_source()
+        require_own_sampling(self.trainer)
+        world_size, rank = world(self.trainer)
+        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std)
+        sampler = IdentityBatchSampler([r.pid for r in source.train], hp.batch_size, hp.num_instances, hp.seed,
+                                       num_replicas=world_size, rank=rank)
+        return DataLoader(RecordDataset(source.train, transform), batch_sampler=sampler, num_workers=hp.num_workers,
+                          pin_memory=True, persistent_workers=hp.num_workers > 0)
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        hp, source = self.hparams, self._load_source()
+        require_own_sampling(self.trainer)
+        transform = build_test_transform(self.img_size, hp.mean, hp.std)
+        return [eval_loader(RecordDataset(records, transform), hp.test_batch_size, hp.num_workers, self.trainer)
+                for records in (source.query, source.gallery)]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
