@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from pedlightning.callbacks.checkpoint import RunCheckpoint
 from pedlightning.errors import PedLightningError
 
 #: ``pedlightning <tool> ...`` sub-commands that are not Lightning runs: name -> "module:function(argv)".
@@ -56,14 +56,14 @@ _ROOT_PLACEHOLDER = "<default_root_dir>"
 class PedLightningCLI(LightningCLI):
     """LightningCLI in subclass mode for any LightningModule / LightningDataModule.
 
-    Adds a ``checkpoint`` group (a ModelCheckpoint whose ``dirpath`` is always ``<default_root_dir>/checkpoints``,
+    Adds a ``checkpoint`` group (a :class:`RunCheckpoint` whose ``dirpath`` is always ``<default_root_dir>/checkpoints``,
     so ``--ckpt_path last`` finds the last checkpoint after a restart) and turns off Lightning's automatic
     DistributedSampler: pedlightning datamodules shard data themselves (identity samplers, padded evaluation).
     The logger's ``save_dir`` follows ``default_root_dir`` too.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "trainer.use_distributed_sampler": False,
                              "trainer.default_root_dir": "runs/default"})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
@@ -89,7 +89,7 @@ def main(args: Sequence[str] | None = None) -> None:
         PedLightningCLI(model_class=L.LightningModule, datamodule_class=L.LightningDataModule,
                         subclass_mode_model=True, subclass_mode_data=True, save_config_callback=RunConfigSaver,
                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                        trainer_defaults=_default_logger(), args=argv)
+                        trainer_defaults=_default_logger(), args=None if args is None else argv)
     except PedLightningError as err:
         print(f"pedlightning: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -115,21 +115,22 @@ class ReIDModule(TaskModule):
         self.val_metric.reset()
 
     def on_test_epoch_end(self) -> None:
-        results = {f"test/{k}": float(v) for k, v in self.test_metric.compute().items()}
-        state = self.test_metric.gathered()
+        metric = self.test_metric
+        results = {f"test/{k}": float(v) for k, v in metric.compute().items()}
+        with metric.sync_context():  # every rank's samples, padding duplicates dropped
+            s = metric.samples(key_extra="is_query")
+        q, g = s["is_query"], ~s["is_query"]
         if self.hparams.report_chance:
-            g = torch.Generator().manual_seed(0)
-            chance = reid_evaluate(torch.randn(len(state.query_pids), 64, generator=g),
-                                   torch.randn(len(state.gallery_pids), 64, generator=g), state.query_pids,
-                                   state.gallery_pids, state.query_camids, state.gallery_camids)
+            rand = torch.randn(len(q), 64, generator=torch.Generator().manual_seed(0))
+            chance = reid_evaluate(rand[q.cpu()], rand[g.cpu()], s["pids"][q], s["pids"][g], s["camids"][q],
+                                   s["camids"][g])
             results.update({f"test/chance_{k}": float(chance[k]) for k in ("mAP", "rank1")})
         self.log_dict(results, sync_dist=False)
         rank_zero_info("reID test: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in results.items()))
-        self._ranklist = RankListInputs(state.query_feats, state.gallery_feats, state.query_pids, state.gallery_pids,
-                                        state.query_camids, state.gallery_camids,
-                                        self._paths("query", state.query_indices),
-                                        self._paths("gallery", state.gallery_indices))
-        self.test_metric.reset()
+        self._ranklist = RankListInputs(s["features"][q].cpu(), s["features"][g].cpu(), s["pids"][q].cpu(),
+                                        s["pids"][g].cpu(), s["camids"][q].cpu(), s["camids"][g].cpu(),
+                                        self._paths("query", s["indices"][q]), self._paths("gallery", s["indices"][g]))
+        metric.reset()
 
     def _paths(self, split: str, indices: torch.Tensor) -> list[str]:
         source = getattr(getattr(self.trainer, "datamodule", None), "source", None)
