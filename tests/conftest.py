@@ -19,3 +19,11 @@ def synthetic_market(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("market") / "market1501")
     write_market1501(root, num_train_ids=16, num_test_ids=12, seed=0)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI(args=...) warns when pytest's own argv is also present."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["pedlightning"])
