@@ -28,3 +28,7 @@ class DatasetLayoutError(PedLightningError, FileNotFoundError):
 
 class CheckpointError(PedLightningError, ValueError):
     """A checkpoint file cannot be read or does not fit the model it is loaded into."""
+
+
+class EvaluationError(PedLightningError, ValueError):
+    """Evaluation inputs are malformed or cannot produce a metric (e.g. no query has a valid gallery match)."""

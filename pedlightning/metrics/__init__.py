@@ -1,1 +1,25 @@
-"""metrics."""
+"""Evaluation metrics: person reID, attribute recognition and text-to-image retrieval.
+
+Each comes as a function over whole arrays (`reid_evaluate`, `attribute_metrics`, `retrieval_evaluate`) and as a
+torchmetrics `Metric` that gathers samples across processes and drops DistributedSampler padding duplicates.
+"""
+
+from pedlightning.metrics.attributes import AttributeMetric, attribute_metrics
+from pedlightning.metrics.ranking import RankingResult, feature_distance, rank_queries
+from pedlightning.metrics.reid import ReIDMetric, reid_evaluate
+from pedlightning.metrics.reranking import KReciprocalReranker, k_reciprocal_distance
+from pedlightning.metrics.retrieval import RetrievalMetric, retrieval_evaluate
+
+__all__ = [
+    "AttributeMetric",
+    "KReciprocalReranker",
+    "RankingResult",
+    "ReIDMetric",
+    "RetrievalMetric",
+    "attribute_metrics",
+    "feature_distance",
+    "k_reciprocal_distance",
+    "rank_queries",
+    "reid_evaluate",
+    "retrieval_evaluate",
+]
