@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from pedlightning.data.samplers import IdentityBatchSampler
-from pedlightning.data.sources import Market1501
 from pedlightning.cli import PedLightningCLI, RunConfigSaver, main
+from pedlightning.data.samplers import IdentityBatchSampler
+from pedlightning.data.sources import DukeMTMC, Market1501
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs/demo/reid_market_synthetic.yaml")
@@ -132,3 +132,13 @@ def test_real_data_reid_configs_run(config, tmp_path):
                        "--data.init_args.num_workers=0", "--data.init_args.batch_size=16"])
     assert fit.trainer.global_step == 2
     assert fit.model.hparams.num_classes == 8 and fit.datamodule.hparams.dataset == dataset
+
+
+def test_synth_tool_writes_a_dataset_the_parser_reads(tmp_path):
+    root = tmp_path / "duke"
+    main(["synth", "dukemtmc", "--root", str(root), "--num-train-ids", "5", "--num-test-ids", "4", "--seed", "3"])
+    assert len(os.listdir(root / "bounding_box_train")) == 5 * 6
+    assert DukeMTMC(str(root)).num_train_pids == 5
+    with pytest.raises(SystemExit) as exit_info:  # refuses to overwrite what is there: loses nothing
+        main(["synth", "dukemtmc", "--root", str(root)])
+    assert exit_info.value.code == 2
