@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from pedlightning.errors import CheckpointError
@@ -299,7 +300,7 @@ def load_pretrained(
         model, selected, pos_embeds=_timm_pos_embeds(model), strict=strict, path=str(path), prefix=prefix,
         ignored=ignored,
     )
-    _logger.info(report.summary())
+    rank_zero_info(report.summary())
     return report
 
 

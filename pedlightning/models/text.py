@@ -7,6 +7,7 @@ import logging
 from typing import Callable
 
 import open_clip
+from lightning.pytorch.utilities import rank_zero_info
 from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
@@ -91,7 +92,7 @@ def load_clip_pretrained(model: open_clip.CLIP, path: str, *, strict: bool = Fal
             "%s is an OpenAI CLIP checkpoint, trained with QuickGELU, but the model uses GELU: "
             "build it as e.g. 'ViT-B-16-quickgelu' for the original features", path
         )
-    _logger.info(report.summary())
+    rank_zero_info(report.summary())
     return report
 
 

@@ -1,0 +1,149 @@
+"""LUPersonDataModule: unlabeled person images (folder tree, list file or WebDataset shards) for pre-training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+from pedlightning.data.datamodules.common import as_size, synthesize_if_missing, world
+from pedlightning.data.datasets import load_rgb
+from pedlightning.data.shards import (EpochLoader, ErrorCounter, OnError, ShardSampling, ShardStream,
+                                      batches_per_rank, shard_sizes)
+from pedlightning.data.sources.base import format_table
+from pedlightning.data.sources.luperson import SourceKind, detect_kind, find_shards, luperson_images
+from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pedlightning.data.transforms.regions import RegionPairTransform
+from pedlightning.errors import ConfigError, DatasetLayoutError
+
+
+class UnlabeledImages(Dataset):
+    """Image files -> ``transform(image)`` plus ``index``; an unreadable file gives ``None`` (policy ``skip``)."""
+
+    def __init__(self, paths: Sequence[str], transform, errors: ErrorCounter):
+        self.paths = list(paths)
+        self.transform = transform
+        self.errors = errors
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            image: Image.Image = load_rgb(self.paths[index])
+        except DatasetLayoutError as err:
+            self.errors.record(f"image {self.paths[index]}", err)
+            return None
+        return {**self.transform(image), "index": index}
+
+
+def collate_readable(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Default collation of the readable items; the skipped (``None``) ones are left out of the batch."""
+    items = [item for item in items if item is not None]
+    if not items:
+        raise DatasetLayoutError("every image of a batch was unreadable; see the warnings above for the files")
+    return default_collate(items)
+
+
+class LUPersonDataModule(L.LightningDataModule):
+    """Unlabeled person images as RegionA / RegionB pairs for :class:`~pedlightning.tasks.PersonMAEModule`.
+
+    A batch holds ``region_a``, ``region_b`` ``(B, 3, H, W)``, their crop boxes ``box_a``, ``box_b`` ``(B, 4)``
+    (see :mod:`pedlightning.data.transforms.regions`), and ``index`` (folder / list) or ``key`` (shards).
+
+    Args:
+        root: an image folder tree, an image list file, or a folder of WebDataset ``.tar`` shards.
+        source: ``auto`` (decided by ``root``), ``folder``, ``list`` or ``shards``.
+        image_root: folder the paths of a list file are relative to (default: the list's folder).
+        synthesize: when ``root`` is missing or empty, write synthetic LUPerson-style data there in
+            ``prepare_data()``: shards for ``source: shards``, else a JPG tree. ``synthetic``: the writer's
+            keyword arguments (``num_images``, ``size``, ``shard_size``, ``seed``).
+        img_size: ``[height, width]`` of both regions (the encoder input).
+        region_scale, region_ratio, same_region, flip_prob: RegionA/RegionB sampling, see
+            :class:`~pedlightning.data.transforms.regions.RegionPairTransform` (``same_region``: the ablation
+            RegionB = RegionA).
+        mean, std: normalisation.
+        batch_size: per process. num_workers: loader processes per rank.
+        shard_sampling: ``split`` (each sample at most once per epoch, equal batches per rank) or ``resampled``
+            (shards drawn with replacement; for more loader workers than shards), see :mod:`pedlightning.data.shards`.
+        samples_per_epoch: epoch length of ``resampled`` mode over all ranks (default: one pass over the data).
+        shuffle_buffer: in-worker sample shuffle buffer of the shard stream.
+        seed: shard order and folder sampling seed, shared by all ranks.
+        on_error: unreadable images are counted, logged and skipped (``skip``) or stop training with an error
+            naming them (``fail``).
+    """
+
+    def __init__(self, root: str = "data/luperson", source: SourceKind = "auto", image_root: str | None = None,
+                 synthesize: bool = False, synthetic: dict | None = None, img_size: Sequence[int] = (256, 128),
+                 region_scale: Sequence[float] = (0.4, 1.0), region_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 same_region: bool = False, flip_prob: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, batch_size: int = 64, num_workers: int = 4,
+                 shard_sampling: ShardSampling = "split", samples_per_epoch: int | None = None,
+                 shuffle_buffer: int = 2000, seed: int = 0, on_error: OnError = "skip"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.img_size = as_size(img_size)
+        self.transform = RegionPairTransform(self.img_size, region_scale, region_ratio, same_region, flip_prob,
+                                             mean=mean, std=std)
+        self.errors: ErrorCounter | None = None  # made in setup(): one counter per process
+        self.kind: Literal["folder", "list", "shards"] | None = None
+        self.dataset: Dataset | ShardStream | None = None
+        self.num_batches: int | None = None
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        writer = "luperson_shards" if hp.source == "shards" else "luperson"
+        synthesize_if_missing(writer, hp.root, hp.synthesize, hp.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        hp = self.hparams
+        world_size, rank = world(self.trainer)
+        self.errors = ErrorCounter(hp.on_error)
+        try:
+            self.kind = detect_kind(hp.root) if hp.source == "auto" else hp.source
+        except DatasetLayoutError as err:
+            hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write synthetic images there)"
+            raise DatasetLayoutError(f"{err}{hint}") from err
+        if self.kind == "shards":
+            shards = find_shards(hp.root)
+            sizes = shard_sizes(shards)
+            self.num_batches = batches_per_rank(sizes, world_size, hp.batch_size, hp.shard_sampling,
+                                                hp.samples_per_epoch)
+            self.dataset = ShardStream(shards, self.transform, hp.shard_sampling, hp.shuffle_buffer, hp.seed,
+                                       rank, world_size, self.errors)
+            rows = [("shards", len(shards)), ("images", sum(sizes)), ("processes", world_size),
+                    ("batches per process and epoch", self.num_batches), ("sampling", hp.shard_sampling)]
+        else:
+            paths = luperson_images(hp.root, self.kind, hp.image_root)
+            self.dataset = UnlabeledImages(paths, self.transform, self.errors)
+            self.num_batches = len(paths) // world_size // hp.batch_size
+            if self.num_batches < 1:
+                raise ConfigError(f"{len(paths)} images give no full batch of {hp.batch_size} per process "
+                                  f"({world_size} processes)")
+            rows = [("images", len(paths)), ("processes", world_size),
+                    ("batches per process and epoch", self.num_batches)]
+        rank_zero_info(format_table(["LUPerson", "value"], [("source", f"{self.kind}: {hp.root}"), *rows]))
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable samples skipped so far by this process (all its loader workers)."""
+        return self.errors.count if self.errors is not None else 0
+
+    def train_dataloader(self) -> DataLoader | EpochLoader:
+        self.setup("fit")
+        hp = self.hparams
+        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=True,
+                      persistent_workers=hp.num_workers > 0)
+        if isinstance(self.dataset, ShardStream):
+            return EpochLoader(DataLoader(self.dataset, **common), self.num_batches)
+        world_size, rank = world(self.trainer)
+        sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=hp.seed, drop_last=True)
+                   if world_size > 1 else None)
+        return DataLoader(self.dataset, sampler=sampler, shuffle=sampler is None, drop_last=True,
+                          collate_fn=collate_readable, **common)

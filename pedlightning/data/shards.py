@@ -1,0 +1,376 @@
+"""WebDataset shards of unlabeled images: writing them, and streaming them correctly under DDP.
+
+Writing: :func:`write_shards` packs image files into ``shard-000000.tar`` ... (original bytes, no re-encoding)
+plus a ``shards.json`` manifest with the sample count of every shard.
+
+Reading (:class:`ShardStream` + :class:`EpochLoader`), with the pitfalls of NOTES.md designed out:
+
+- ``split`` mode (default): every epoch all ranks shuffle the shard list with the same seed and epoch,
+  then rank ``r`` takes ``shards[r::world]`` (the slicing of ``wds.split_by_node``) and worker ``w`` of it
+  ``[w::num_workers]`` (``wds.split_by_worker``). Each sample is read at most once per epoch. Every rank
+  yields exactly ``batches_per_rank`` batches: the count that the rank with the smallest possible share of
+  shards can fill, so no rank runs dry (uneven batch counts crash gloo and hang NCCL); the samples beyond it
+  rotate between epochs with the shard order.
+- ``resampled`` mode: each worker draws shards with replacement from its own seeded stream (``resampled=True``
+  in WebDataset), and the loader cuts ``samples_per_epoch / (world * batch)`` batches per rank (``with_epoch``).
+  For more workers than shards; samples may repeat within an epoch.
+- :class:`EpochLoader` has a ``__len__`` (WebDataset's ``with_length``), so Lightning's
+  ``estimated_stepping_batches`` and step-based schedules work, and it receives the epoch from Lightning
+  through the ``loader.sampler.set_epoch`` protocol, so shard orders change per epoch and resume exactly.
+- Rank and world size are captured in ``setup`` (not read in the worker, where the process group of a
+  spawned process is invisible). The epoch lives in shared memory, so persistent workers see each new one.
+
+Unreadable shards and images are counted (``ErrorCounter``, shared by all workers of a rank) and logged with
+their shard and key; ``on_error="fail"`` raises a :class:`DatasetLayoutError` naming them instead.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pedlightning.data.sources.base import IMAGE_EXTENSIONS
+from pedlightning.errors import ConfigError, DatasetLayoutError
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["skip", "fail"]
+ShardSampling = Literal["split", "resampled"]
+MANIFEST = "shards.json"
+_IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS) + ("webp",)
+
+
+class ErrorCounter:
+    """A count shared between the main process and loader workers (fork or spawn), plus a policy."""
+
+    def __init__(self, policy: OnError = "skip"):
+        if policy not in ("skip", "fail"):
+            raise ConfigError(f"on_error must be 'skip' or 'fail', got {policy!r}")
+        self.policy = policy
+        self._value = multiprocessing.get_context().Value("q", 0)
+
+    @property
+    def count(self) -> int:
+        return int(self._value.value)
+
+    def reset(self) -> None:
+        with self._value.get_lock():
+            self._value.value = 0
+
+    def record(self, what: str, err: BaseException | str) -> None:
+        """Count and log one unreadable item, or raise under the ``fail`` policy."""
+        message = f"{what}: {err}"
+        if self.policy == "fail":
+            raise DatasetLayoutError(f"{message}\n(set on_error: skip to count and skip unreadable samples)")
+        with self._value.get_lock():
+            self._value.value += 1
+        log.warning("skipping unreadable sample, %s", message)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decode image bytes to RGB (``Image.open`` alone would not notice a truncated JPEG)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+@dataclass
+class ShardSummary:
+    """What :func:`write_shards` wrote: shard paths, per-shard counts and the skipped files with reasons."""
+
+    shards: list[str]
+    num_samples: list[int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.num_samples)
+
+
+def sample_key(path: str, root: str | None, index: int) -> str:
+    """A unique, dot-free WebDataset key: the running index, then the path relative to ``root``.
+
+    WebDataset splits a member name at the first dot, so dots and separators become ``_``.
+    """
+    rel = os.path.relpath(path, root) if root else os.path.basename(path)
+    stem = os.path.splitext(rel)[0]
+    return f"{index:09d}_" + re.sub(r"[^0-9A-Za-z_-]", "_", stem)[-120:]
+
+
+def _read_checked(args: tuple[str, bool]) -> tuple[str, bytes | None, str]:
+    path, verify = args
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if verify:
+            decode_image(data)
+        return path, data, ""
+    except Exception as err:  # noqa: BLE001 - any failure makes the file unusable; the caller reports it
+        return path, None, f"{type(err).__name__}: {err}"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(paths: Sequence[str], out_dir: str, shard_size: int = 10000, root: str | None = None,
+                 on_error: OnError = "skip", verify: bool = True, num_workers: int = 0,
+                 prefix: str = "shard") -> ShardSummary:
+    """Pack image files into WebDataset shards of ``shard_size`` samples: ``<key>.<ext>`` with the original bytes.
+
+    ``verify`` decodes every image first; an unreadable one is skipped and reported (``on_error="skip"``) or
+    stops the conversion with an error naming it (``"fail"``). ``num_workers`` processes read and verify in
+    parallel; the order of ``paths`` is kept. Writes ``shards.json`` (counts per shard and the skipped files).
+    The shards are written into a temporary sibling folder that becomes ``out_dir`` only when all is done, so a
+    failed or interrupted conversion leaves nothing behind.
+    """
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ConfigError(f"refusing to write shards into {out_dir}: it exists and is not an empty folder")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=os.path.dirname(out_dir))
+    try:
+        summary = _pack(paths, tmp, shard_size, root, ErrorCounter(on_error), verify, num_workers, prefix)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.shards = [os.path.join(out_dir, os.path.basename(s)) for s in summary.shards]
+    return summary
+
+
+def _pack(paths: Sequence[str], folder: str, shard_size: int, root: str | None, errors: ErrorCounter, verify: bool,
+          num_workers: int, prefix: str) -> ShardSummary:
+    summary = ShardSummary([], [])
+    jobs = ((p, verify) for p in paths)
+    pool = multiprocessing.get_context().Pool(num_workers) if num_workers > 0 else None
+    results = pool.imap(_read_checked, jobs, chunksize=32) if pool else map(_read_checked, jobs)
+    tar, index = None, 0
+    try:
+        for path, data, error in results:
+            if data is None:
+                errors.record(f"image {path}", error)
+                summary.skipped.append((path, error))
+                continue
+            if tar is None or summary.num_samples[-1] == shard_size:
+                if tar is not None:
+                    tar.close()
+                summary.shards.append(os.path.join(folder, f"{prefix}-{len(summary.shards):06d}.tar"))
+                summary.num_samples.append(0)
+                tar = tarfile.open(summary.shards[-1], "w", format=tarfile.USTAR_FORMAT)
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            _add_member(tar, f"{sample_key(path, root, index)}.{'jpg' if ext == 'jpeg' else ext}", data)
+            summary.num_samples[-1] += 1
+            index += 1
+    finally:
+        if tar is not None:
+            tar.close()
+        if pool is not None:
+            pool.terminate()
+    if not summary.shards:
+        raise DatasetLayoutError(f"no readable image among the {len(paths)} given; nothing was written")
+    manifest = {"shards": [{"name": os.path.basename(s), "num_samples": n}
+                           for s, n in zip(summary.shards, summary.num_samples)],
+                "num_samples": summary.total, "skipped": [{"path": p, "error": e} for p, e in summary.skipped]}
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def count_samples(shard: str) -> int:
+    """Samples (distinct keys with an image member) in one tar file, from its headers."""
+    keys = set()
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                base, _, ext = os.path.basename(member.name).partition(".")
+                if member.isfile() and ext.lower() in _IMAGE_SUFFIXES:
+                    keys.add(os.path.join(os.path.dirname(member.name), base))
+    except (OSError, tarfile.TarError) as err:
+        raise DatasetLayoutError(f"cannot read shard {shard}: {err}") from err
+    return len(keys)
+
+
+def shard_sizes(shards: Sequence[str]) -> list[int]:
+    """Samples per shard, from the ``shards.json`` manifest next to them when it lists them all, else counted."""
+    folders = {os.path.dirname(s) for s in shards}
+    known: dict[str, int] = {}
+    for folder in folders:
+        manifest = os.path.join(folder, MANIFEST)
+        if os.path.isfile(manifest):
+            with open(manifest, encoding="utf-8") as f:
+                entries = json.load(f).get("shards", [])
+            known.update({os.path.join(folder, e["name"]): int(e["num_samples"]) for e in entries})
+    return [known[s] if s in known else count_samples(s) for s in shards]
+
+
+def batches_per_rank(sizes: Sequence[int], world_size: int, batch_size: int, mode: ShardSampling = "split",
+                     samples_per_epoch: int | None = None) -> int:
+    """Batches every rank yields per epoch (the same on all ranks).
+
+    ``split``: whatever the shard order, a rank holds at least ``S // world`` shards, so at least the samples
+    of the ``S // world`` smallest shards; with per-worker partial batches it never yields fewer batches than
+    that many samples fill. ``resampled``: ``samples_per_epoch`` (default: one pass) over all ranks' batches.
+    """
+    if mode == "resampled":
+        total = samples_per_epoch or sum(sizes)
+        n = total // (world_size * batch_size)
+    elif mode == "split":
+        per_rank = len(sizes) // world_size
+        if per_rank == 0:
+            raise ConfigError(f"{len(sizes)} shard(s) cannot feed {world_size} processes in split mode: write at "
+                              f"least one shard per process (make-shards --shard-size), or use shard_sampling: "
+                              f"resampled")
+        n = sum(sorted(sizes)[:per_rank]) // batch_size
+    else:
+        raise ConfigError(f"shard_sampling must be 'split' or 'resampled', got {mode!r}")
+    if n < 1:
+        raise ConfigError(f"shards of {sum(sizes)} samples give no full batch of {batch_size} per process "
+                          f"({world_size} processes, {mode} mode); lower the batch size or add data")
+    return n
+
+
+def _seed(*parts: object) -> str:
+    return "-".join(map(str, parts))
+
+
+class ShardStream(IterableDataset):
+    """Samples of WebDataset shards, decoded and transformed: ``transform(image)`` (a dict) plus ``key``.
+
+    Args:
+        shards: tar files (local paths or URLs WebDataset can open).
+        transform: PIL image -> dict of tensors.
+        mode: ``split`` (each sample once per epoch) or ``resampled`` (shards drawn with replacement).
+        shuffle_buffer: samples shuffled in a buffer of this size within each worker (1 = no shuffling).
+        seed: shared by all ranks; the shard order depends on (seed, epoch), sample shuffling also on rank/worker.
+        rank, world_size: this process's place in the job (from the trainer, at setup time).
+        errors: counter and policy for unreadable shards and images.
+    """
+
+    def __init__(self, shards: Sequence[str], transform: Callable[[Image.Image], dict[str, Any]],
+                 mode: ShardSampling = "split", shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, errors: ErrorCounter | None = None):
+        if mode not in ("split", "resampled"):
+            raise ConfigError(f"shard_sampling must be 'split' or 'resampled', got {mode!r}")
+        self.shards = list(shards)
+        self.transform = transform
+        self.mode = mode
+        self.shuffle_buffer = shuffle_buffer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.errors = errors or ErrorCounter("skip")
+        self._epoch = multiprocessing.get_context().Value("q", 0)  # shared: persistent workers see updates
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    def worker_shards(self) -> Iterator[str]:
+        """This worker's shards for the current epoch."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.mode == "resampled":
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
+            return (rng.choice(self.shards) for _ in itertools.count())
+        order = list(self.shards)
+        random.Random(_seed(self.seed, self.epoch)).shuffle(order)
+        return iter(order[self.rank::self.world_size][worker::num_workers])
+
+    def _tar_error(self, err: Exception) -> bool:
+        """WebDataset's handler: it appends the shard's url to ``err.args``; count (or raise) and go on."""
+        urls = [a for a in err.args[1:] if isinstance(a, str)]
+        self.errors.record(f"shard {urls[-1] if urls else '?'}", err.args[0] if err.args else repr(err))
+        return True
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        samples = wds.tarfile_samples(({"url": url} for url in self.worker_shards()), handler=self._tar_error)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "samples"))
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        for sample in samples:
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            ext = next((e for e in _IMAGE_SUFFIXES if e in sample), None)
+            if ext is None:
+                self.errors.record(f"sample {key} in {url}", f"no image member (.{', .'.join(_IMAGE_SUFFIXES)})")
+                continue
+            try:
+                image = decode_image(sample[ext])
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
+                self.errors.record(f"image {key}.{ext} in {url}", f"{type(err).__name__}: {err}")
+                continue
+            yield {**self.transform(image), "key": key}
+
+
+class _EpochToDataset:
+    """Lightning calls ``loader.sampler.set_epoch(epoch)`` every epoch (also after a resume); pass it on."""
+
+    def __init__(self, dataset: ShardStream):
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+class EpochLoader:
+    """Exactly ``num_batches`` batches per epoch from a :class:`ShardStream` loader, with a ``__len__``.
+
+    If the stream runs dry first (possible only when unreadable samples were skipped, or in ``resampled``
+    mode never), the next pass starts over so that every rank still yields ``num_batches`` batches.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int):
+        if not isinstance(loader.dataset, ShardStream):
+            raise TypeError("EpochLoader wraps a DataLoader over a ShardStream")
+        self.loader = loader
+        self.num_batches = num_batches
+        self.sampler = _EpochToDataset(loader.dataset)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _passes(self) -> Iterator[Any]:
+        for number in itertools.count():
+            yielded = 0
+            for batch in self.loader:
+                yielded += 1
+                yield batch
+            if yielded == 0:
+                raise DatasetLayoutError(f"no readable sample in the shards of this process "
+                                         f"({len(self.loader.dataset.shards)} shards)")
+            log.warning("the shard stream of this process ran dry after %d batches (pass %d, %d unreadable "
+                        "samples skipped); starting another pass to fill the epoch", yielded, number,
+                        self.loader.dataset.errors.count)
+
+    def __iter__(self) -> Iterator[Any]:
+        errors = self.loader.dataset.errors
+        before = errors.count
+        yield from itertools.islice(self._passes(), self.num_batches)
+        if errors.count > before:
+            log.warning("epoch %d: %d unreadable sample(s) skipped by this process (%d in total)",
+                        self.loader.dataset.epoch, errors.count - before, errors.count)

@@ -1,0 +1,267 @@
+"""PersonMAEModule: masked-autoencoder pre-training for person reID (Hu et al., arXiv 2311.04496, IEEE TMM 2024).
+
+RegionA (block-masked) is encoded from its visible patches only; decoders predict the *whole* RegionB, at
+pixel level (per-patch-normalised pixels) and at feature level (LayerNorm'd patch features of a momentum
+teacher run on the unmasked RegionB). The paper has no public code; every choice it leaves open is a
+constructor argument whose docstring says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from pedlightning.data.transforms.regions import region_b_positions
+from pedlightning.errors import ConfigError
+from pedlightning.models.ema import MomentumSchedule, ema_update_, momentum_at
+from pedlightning.models.encoders import ImageEncoder
+from pedlightning.models.mae_decoder import PosEmbedType, RegionDecoder, grid_positions, sincos_pos_embed_2d
+from pedlightning.models.masking import MaskGenerator, MaskType, forward_visible, visible_indices
+from pedlightning.optim import Schedule
+from pedlightning.tasks.base import TaskModule
+
+LossType = Literal["pixel_feature", "pixel", "feature"]
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, N, patch * patch * C)`` in token (row-major) order, MAE's layout."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid: Sequence[int], channels: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = patches.shape[0]
+    x = patches.reshape(b, grid[0], grid[1], patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, grid[0] * patch, grid[1] * patch)
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's ``norm_pix_loss`` target: each patch minus its mean over its own values, over ``sqrt(var + eps)``."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+class PersonMAEModule(TaskModule):
+    """PersonMAE pre-training of a ViT: ``L = L_pix + w_feat(t) * L_feat``.
+
+    Batches come from :class:`~pedlightning.data.datamodules.luperson.LUPersonDataModule`: ``region_a``,
+    ``region_b`` ``(B, 3, H, W)`` and their crop boxes ``box_a``, ``box_b`` ``(B, 4)``. The RegionA/RegionB
+    sampling (crop scale and aspect, the ``same_region`` ablation, flips) is configured there.
+
+    Args:
+        backbone, img_size, drop_path_rate, backbone_kwargs, pretrained: the student :class:`ImageEncoder`
+            (``self.encoder``; non-overlapping patches). ``pretrained`` initialises it from a local checkpoint.
+        mask_type: ``block`` (BEiT block-wise masking, the paper's occlusion-like corruption of RegionA) or
+            ``random`` (MAE; ablation).
+        mask_ratio: fraction of RegionA's patches hidden from the encoder (Assumption: 0.75, MAE's ratio).
+        min_block_patches, block_aspect: BEiT block parameters (BEiT: 16 patches, aspect 0.3 to 1/0.3).
+        mask_seed: masks are drawn from ``(mask_seed, rank, epoch, batch index)``: reproducible and resumable.
+        loss_type: ``pixel_feature`` (the paper), ``pixel`` or ``feature`` (ablations).
+        norm_pix_loss: pixel target = per-patch-normalised pixels of RegionB (the paper; MAE Sec. 4).
+        feat_weight: ``w_feat`` of ``L_feat`` (Assumption: 1.0).
+        feat_weight_warmup_epochs: ``w_feat`` ramps linearly from 0 to ``feat_weight`` over this many epochs,
+            so the pixel loss shapes the encoder before the young teacher's features count (Assumption: 10).
+        decoder_dim, decoder_depth, decoder_heads: decoder size (Assumption: 512 wide, 4 deep, 16 heads; MAE
+            uses 8 blocks for 196 tokens, our person grid has 128).
+        decoder_pos_embed: query position embedding at continuous positions, ``sincos`` or ``learned``.
+        separate_decoders: one decoder per target (BootMAE) or one shared decoder with two heads.
+        encoder_pos_embed: ``sincos`` = fixed 2D sin-cos position embedding in the encoder (MAE), so encoder
+            and decoder positions live in the same frame; ``learned`` = timm's learned embedding. Ignored
+            (the checkpoint's embedding is kept, trainable) when ``pretrained`` is set.
+        teacher_momentum, teacher_momentum_final, teacher_momentum_schedule: EMA momentum of the feature
+            teacher, 0.999 -> 0.9999 on a cosine schedule over training (Assumption, BootMAE/BYOL style).
+        optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`
+            (MAE: AdamW, lr 1.5e-4 * batch / 256, betas (0.9, 0.95), weight decay 0.05, 40 warm-up epochs,
+            cosine decay to 0, hence ``min_lr_ratio=0``).
+
+    ``w_feat`` and the momentum are functions of ``global_step``, so a resumed run continues both exactly.
+    """
+
+    def __init__(self, backbone: str = "vit_base_patch16_224", img_size: Sequence[int] = (256, 128),
+                 drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None, pretrained: str | None = None,
+                 mask_type: MaskType = "block", mask_ratio: float = 0.75, min_block_patches: int = 16,
+                 block_aspect: Sequence[float] = (0.3, 1 / 0.3), mask_seed: int = 0,
+                 loss_type: LossType = "pixel_feature", norm_pix_loss: bool = True, feat_weight: float = 1.0,
+                 feat_weight_warmup_epochs: float = 10.0, decoder_dim: int = 512, decoder_depth: int = 4,
+                 decoder_heads: int = 16, decoder_pos_embed: PosEmbedType = "sincos", separate_decoders: bool = True,
+                 encoder_pos_embed: Literal["sincos", "learned"] = "sincos", teacher_momentum: float = 0.999,
+                 teacher_momentum_final: float = 0.9999, teacher_momentum_schedule: MomentumSchedule = "cosine",
+                 optimizer: OptimizerCallable = torch.optim.AdamW, weight_decay: float = 0.05,
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0):
+        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
+        self.save_hyperparameters(ignore=["optimizer"])
+        if loss_type not in ("pixel_feature", "pixel", "feature"):
+            raise ConfigError(f"loss_type must be 'pixel_feature', 'pixel' or 'feature', got {loss_type!r}")
+        self.encoder = ImageEncoder(backbone, tuple(img_size), None, drop_path_rate, 1, pretrained, backbone_kwargs)
+        vit = self.encoder.model
+        if not self.encoder.is_vit:
+            raise ConfigError(f"PersonMAE needs a ViT backbone, {backbone!r} is a CNN")
+        self.patch = int(vit.patch_embed.patch_size[0])
+        if tuple(vit.patch_embed.patch_size) != (self.patch, self.patch):
+            raise ConfigError(f"PersonMAE needs square patches, got {tuple(vit.patch_embed.patch_size)}")
+        self.grid = tuple(self.encoder.patch_grid)
+        if tuple(img_size) != (self.grid[0] * self.patch, self.grid[1] * self.patch):
+            raise ConfigError(f"img_size {list(img_size)} must be a multiple of the patch size {self.patch}")
+        if encoder_pos_embed == "sincos" and not pretrained:
+            self._fix_sincos_pos_embed(vit)
+        self.masks = MaskGenerator(self.grid, mask_ratio, mask_type, min_block_patches, tuple(block_aspect))
+
+        dim, prefix = self.encoder.embed_dim, self.encoder.num_prefix_tokens
+        out_dims = {}  # target -> values predicted per RegionB patch
+        if loss_type != "feature":
+            out_dims["pixel"] = self.patch * self.patch * 3
+        if loss_type != "pixel":
+            out_dims["feature"] = dim
+
+        def decoder(out_dim: int) -> RegionDecoder:
+            return RegionDecoder(dim, out_dim, self.grid, decoder_dim, decoder_depth, decoder_heads,
+                                 pos_embed=decoder_pos_embed, num_prefix_tokens=prefix)
+
+        if separate_decoders:
+            self.decoders = nn.ModuleDict({k: decoder(v) for k, v in out_dims.items()})
+        else:
+            self.decoders = nn.ModuleDict({"shared": decoder(sum(out_dims.values()))})
+        self.out_dims = out_dims
+
+        self.teacher: ImageEncoder | None = None
+        if "feature" in out_dims:
+            self.teacher = ImageEncoder(backbone, tuple(img_size), None, 0.0, 1, None, backbone_kwargs)
+            self.teacher.load_state_dict(self.encoder.state_dict())
+            self.teacher.requires_grad_(False)
+        self._ema_step = -1
+        self._schedule_steps: int | None = None
+
+    @staticmethod
+    def _fix_sincos_pos_embed(vit: nn.Module) -> None:
+        """Encoder positions = fixed 2D sin-cos at integer patch positions (prefix tokens: zeros), as in MAE."""
+        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+        patches = sincos_pos_embed_2d(grid_positions(vit.patch_embed.grid_size), vit.pos_embed.shape[-1])
+        with torch.no_grad():
+            vit.pos_embed.zero_()
+            vit.pos_embed[0, prefix:] = patches
+        vit.pos_embed.requires_grad_(False)
+
+    def optimized_modules(self) -> nn.Module:
+        """Student encoder and decoders; the teacher only follows the student by EMA."""
+        return nn.ModuleList([self.encoder, self.decoders])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's image embedding (what transfers to reID)."""
+        return self.encoder(images)
+
+    # ----------------------------------------------------------------- schedules (functions of the step)
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run (fixed at train start, so a resumed run gets the same value)."""
+        if self._schedule_steps is None:
+            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
+            self._schedule_steps = max(total, 1)
+        return self._schedule_steps
+
+    def feat_weight_at(self, step: int) -> float:
+        """``w_feat`` after ``step`` optimizer steps: linear ramp to ``feat_weight`` over the warm-up epochs."""
+        hp = self.hparams
+        epochs = max(1, (self.trainer.max_epochs if self._trainer is not None else 1) or 1)
+        warmup = hp.feat_weight_warmup_epochs * self._total_steps() / epochs
+        return hp.feat_weight * (min(1.0, step / warmup) if warmup > 0 else 1.0)
+
+    def momentum_at_step(self, step: int) -> float:
+        hp = self.hparams
+        return momentum_at(step, self._total_steps(), hp.teacher_momentum, hp.teacher_momentum_final,
+                           hp.teacher_momentum_schedule)
+
+    # ----------------------------------------------------------------- the model
+    def draw_masks(self, batch_size: int, batch_idx: int) -> torch.Tensor:
+        """``(B, N)`` masks seeded by ``(mask_seed, rank, epoch, batch_idx)``."""
+        rank = self.global_rank if self._trainer is not None else 0
+        epoch = self.current_epoch if self._trainer is not None else 0
+        seed = [self.hparams.mask_seed, rank, epoch, batch_idx]
+        return self.masks(batch_size, seed=seed).to(self.device)
+
+    def predict_region_b(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decoder outputs for every RegionB patch from the visible RegionA patches: ``{target: (B, N, dim)}``."""
+        keep = visible_indices(mask)
+        tokens = forward_visible(self.encoder.model, batch["region_a"], keep)
+        positions = grid_positions(self.grid, tokens.device)
+        visible_pos = positions[keep]
+        query_pos = region_b_positions(batch["box_a"], batch["box_b"], self.grid)
+        if "shared" in self.decoders:
+            out = self.decoders["shared"](tokens, visible_pos, query_pos)
+            return dict(zip(self.out_dims, out.split(list(self.out_dims.values()), dim=-1)))
+        return {k: dec(tokens, visible_pos, query_pos) for k, dec in self.decoders.items()}
+
+    def pixel_target(self, region_b: torch.Tensor) -> torch.Tensor:
+        target = patchify(region_b.float(), self.patch)
+        return normalize_patches(target) if self.hparams.norm_pix_loss else target
+
+    @torch.no_grad()
+    def feature_target(self, region_b: torch.Tensor) -> torch.Tensor:
+        """LayerNorm'd (no affine) patch tokens of the momentum teacher on the whole RegionB."""
+        tokens = self.teacher.forward_tokens(region_b)[:, self.teacher.num_prefix_tokens:]
+        return F.layer_norm(tokens.float(), tokens.shape[-1:])
+
+    def compute_losses(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"pixel": L_pix, "feature": L_feat}`` (those enabled by ``loss_type``), each a mean squared error."""
+        preds = self.predict_region_b(batch, mask)
+        losses = {}
+        if "pixel" in preds:
+            losses["pixel"] = F.mse_loss(preds["pixel"].float(), self.pixel_target(batch["region_b"]))
+        if "feature" in preds:
+            losses["feature"] = F.mse_loss(preds["feature"].float(), self.feature_target(batch["region_b"]))
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        mask = self.draw_masks(batch["region_a"].shape[0], batch_idx)
+        losses = self.compute_losses(batch, mask)
+        if self.hparams.loss_type == "pixel_feature":
+            w_feat = self.feat_weight_at(self.global_step)
+            loss = losses["pixel"] + w_feat * losses["feature"]
+            self.log("train/feat_weight", w_feat, batch_size=len(mask))
+        else:
+            loss = losses[self.hparams.loss_type]
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(mask))
+        self.log_dict({f"train/loss_{k}": v for k, v in losses.items()}, batch_size=len(mask))
+        return loss
+
+    # ----------------------------------------------------------------- the momentum teacher
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step
+        self._schedule_steps = None
+        self._total_steps()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """EMA update once per optimizer step (not per accumulated micro-batch)."""
+        if self.teacher is None or self.global_step == self._ema_step:
+            return
+        self._ema_step = self.global_step
+        momentum = self.momentum_at_step(self.global_step)
+        ema_update_(self.teacher, self.encoder, momentum)
+        self.log("train/teacher_momentum", momentum, batch_size=1)
+
+    # ----------------------------------------------------------------- visualisation
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Normalised images for a reconstruction grid: masked RegionA, RegionB and the pixel prediction.
+
+        With ``norm_pix_loss`` the prediction is per-patch normalised; it is shown with RegionB's own patch
+        mean and variance put back (MAE's visualisation). Needs the pixel decoder.
+        """
+        if "pixel" not in self.out_dims:
+            raise ConfigError("reconstruct needs a pixel decoder; loss_type='feature' has none")
+        n = batch["region_a"].shape[0]
+        mask = self.masks(n, seed=[self.hparams.mask_seed, seed]).to(batch["region_a"].device)
+        pred = self.predict_region_b(batch, mask)["pixel"].float()
+        if self.hparams.norm_pix_loss:
+            target = patchify(batch["region_b"].float(), self.patch)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        a = patchify(batch["region_a"].float(), self.patch)
+        a = a.masked_fill(mask.unsqueeze(-1), 0.0)
+        return {"masked_a": unpatchify(a, self.patch, self.grid), "region_b": batch["region_b"].float(),
+                "prediction": unpatchify(pred, self.patch, self.grid)}
