@@ -5,7 +5,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-personmae test bench clean
 
 install: $(VENV)/.installed
 
@@ -21,11 +21,18 @@ demo: install
 	$(VENV)/bin/pedlightning fit --config configs/demo/reid_market_synthetic.yaml
 	$(VENV)/bin/pedlightning test --config configs/demo/reid_market_synthetic.yaml --ckpt_path last
 
+# PersonMAE: pre-train a small ViT on synthetic LUPerson shards, then fine-tune it on synthetic Occluded-Duke.
+demo-personmae: install
+	$(VENV)/bin/pedlightning fit --config configs/personmae/demo_pretrain_synthetic.yaml
+	$(VENV)/bin/pedlightning fit --config configs/personmae/demo_finetune_synthetic.yaml
+	$(VENV)/bin/pedlightning test --config configs/personmae/demo_finetune_synthetic.yaml --ckpt_path last
+
 test: install
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/reid_eval.py
+	$(PY) benchmarks/personmae_throughput.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
