@@ -1,7 +1,9 @@
 """LightningModules: one per task or paper."""
 
+from pedlightning.tasks.attributes import AttributeModule
 from pedlightning.tasks.base import TaskModule
 from pedlightning.tasks.personmae import PersonMAEModule
 from pedlightning.tasks.reid import ReIDModule
+from pedlightning.tasks.text_reid import TextReIDModule
 
-__all__ = ["PersonMAEModule", "ReIDModule", "TaskModule"]
+__all__ = ["AttributeModule", "PersonMAEModule", "ReIDModule", "TaskModule", "TextReIDModule"]

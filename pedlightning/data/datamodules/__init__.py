@@ -1,6 +1,8 @@
 """LightningDataModules over the dataset sources."""
 
+from pedlightning.data.datamodules.attributes import AttributeDataModule
 from pedlightning.data.datamodules.luperson import LUPersonDataModule
 from pedlightning.data.datamodules.reid import ReIDDataModule
+from pedlightning.data.datamodules.text import TextReIDDataModule
 
-__all__ = ["LUPersonDataModule", "ReIDDataModule"]
+__all__ = ["AttributeDataModule", "LUPersonDataModule", "ReIDDataModule", "TextReIDDataModule"]

@@ -57,6 +57,20 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer: L.
                       pin_memory=True, persistent_workers=num_workers > 0, collate_fn=collate_fn)
 
 
+def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer: L.Trainer | None,
+                    seed: int) -> DataLoader:
+    """A training loader that reshuffles from ``seed + epoch`` and gives each rank a disjoint shard.
+
+    One DistributedSampler serves 1 or N processes (Lightning calls its ``set_epoch``), so the data order
+    depends only on the seed and the epoch, and a resumed run replays the order of the run it continues.
+    Incomplete batches are dropped: batch norm and in-batch contrastive losses need full batches.
+    """
+    world_size, rank = world(trainer)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                      pin_memory=True, persistent_workers=num_workers > 0)
+
+
 def as_size(value: Sequence[int]) -> tuple[int, int]:
     size = tuple(int(v) for v in value)
     if len(size) != 2 or min(size) <= 0:

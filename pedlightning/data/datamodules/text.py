@@ -1,0 +1,151 @@
+"""TextReIDDataModule: text-to-image person search (CUHK-PEDES, ICFG-PEDES, RSTPReid)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset, Tokenizer
+from pedlightning.data.datamodules.common import (as_size, eval_loader, require_own_sampling, shuffled_loader,
+                                                  synthesize_if_missing, world)
+from pedlightning.data.datasets import RecordDataset
+from pedlightning.data.samplers import IdentityBatchSampler
+from pedlightning.data.sources import build_text_source
+from pedlightning.data.transforms import build_test_transform, build_train_transform
+from pedlightning.errors import ConfigError, DatasetLayoutError
+from pedlightning.models.text import tokenizer
+
+#: CLIP's normalisation (OpenAI), the statistics its image tower was trained with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TextReIDDataModule(L.LightningDataModule):
+    """Text-to-image person search data.
+
+    Training: one sample per caption (image, ``tokens``, ``pid``), shuffled, or P identities x K samples
+    when ``num_instances`` is set. Validation and test return two loaders, ``[captions, images]``: every
+    caption of the split queries its image gallery (no camera filtering, as the whole field evaluates).
+
+    Protocol switch ``model_selection``: which split the validation loaders evaluate.
+
+    - ``val`` (default): the dataset's val split; the test split is only touched by ``test``.
+    - ``test``: validation evaluates the **test** split, as IRRA's and most public code's "best epoch"
+      does; the log warns that checkpoints selected this way are selected on the test set.
+      ICFG-PEDES has no val split, so it needs ``test`` (``val`` raises a ConfigError when validation runs).
+
+    Args:
+        dataset: a name registered in :func:`pedlightning.data.sources.build_text_source`
+            (``cuhk_pedes``, ``icfg_pedes``, ``rstpreid``).
+        root: dataset folder.
+        model_selection: ``val`` or ``test`` (see above).
+        synthesize: when ``root`` is missing or empty, write the built-in synthetic version of ``dataset``
+            there in ``prepare_data()`` (``synthetic`` holds the writer's keyword arguments).
+        tokenizer: open_clip model name whose tokenizer is used (CLIP's BPE for ``ViT-B-16``).
+        context_length: tokens per caption (77 for CLIP; longer captions are truncated).
+        img_size: ``[height, width]`` of the network input (384 x 128, IRRA).
+        batch_size, test_batch_size: per process.
+        num_instances: ``None`` = shuffled caption samples (IRRA); an int K = identity batches of
+            ``batch_size / K`` identities x K caption samples (a K-sample support set per identity).
+        mean, std: normalisation (CLIP's by default).
+        flip_prob, padding, erasing_prob: training augmentation (IRRA: flip, pad 10 + crop, random erasing).
+        seed: shuffling seed, shared by all ranks.
+    """
+
+    def __init__(self, dataset: str = "cuhk_pedes", root: str = "data/CUHK-PEDES",
+                 model_selection: Literal["val", "test"] = "val", synthesize: bool = False,
+                 synthetic: dict | None = None, tokenizer: str = "ViT-B-16", context_length: int = 77,
+                 img_size: Sequence[int] = (384, 128), batch_size: int = 64, num_instances: int | None = None,
+                 test_batch_size: int = 128, num_workers: int = 4, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD, flip_prob: float = 0.5, padding: int = 10,
+                 erasing_prob: float = 0.5, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.img_size = as_size(img_size)
+        self.source = None
+        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def model_selection(self) -> str:
+        return self.hparams.model_selection
+
+    @property
+    def context_length(self) -> int:
+        return self.hparams.context_length
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        synthesize_if_missing(hp.dataset, hp.root, hp.synthesize, hp.synthetic)
+
+    def _load_source(self):
+        if self.source is None:
+            hp = self.hparams
+            try:
+                self.source = build_text_source(hp.dataset, hp.root)
+            except DatasetLayoutError as err:
+                hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write synthetic data there)"
+                raise DatasetLayoutError(f"{err}{hint}") from err
+            rank_zero_info(self.source.stats_table())
+        return self.source
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The caption tokenizer: list of N strings -> LongTensor (N, context_length)."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer(self.hparams.tokenizer, self.hparams.context_length)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_source()
+        if stage not in ("fit", "validate"):
+            return
+        name = self.hparams.dataset
+        if self.model_selection == "test":
+            rank_zero_warn(f"model_selection='test': VALIDATION RUNS ON THE {name} TEST SPLIT. A checkpoint selected "
+                           "on val/* metrics is selected on the test set (the protocol of IRRA's public code); "
+                           "say so when reporting its numbers.")
+        else:
+            rank_zero_info(f"Model selection: the {name} val split ({len(self.source.val)} images); "
+                           "the test split is only used by `test`.")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities (the width of the shared ID classifier)."""
+        return self._load_source().num_train_pids
+
+    def train_dataloader(self) -> DataLoader:
+        hp, source = self.hparams, self._load_source()
+        require_own_sampling(self.trainer)
+        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std)
+        dataset = ImageCaptionDataset(source.train, self.get_tokenizer(), transform)
+        if hp.num_instances is None:
+            return shuffled_loader(dataset, hp.batch_size, hp.num_workers, self.trainer, hp.seed)
+        world_size, rank = world(self.trainer)
+        sampler = IdentityBatchSampler(dataset.pids, hp.batch_size, hp.num_instances, hp.seed,
+                                       num_replicas=world_size, rank=rank)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=hp.num_workers, pin_memory=True,
+                          persistent_workers=hp.num_workers > 0)
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        hp = self.hparams
+        require_own_sampling(self.trainer)
+        records = getattr(self._load_source(), split)
+        queries = CaptionDataset(records, self.get_tokenizer())
+        gallery = RecordDataset(records, build_test_transform(self.img_size, hp.mean, hp.std))
+        return [eval_loader(d, hp.test_batch_size, hp.num_workers, self.trainer) for d in (queries, gallery)]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if self.model_selection == "val" and not self._load_source().val:
+            raise ConfigError(f"dataset {self.hparams.dataset!r} at {self.hparams.root} has no validation split "
+                              "(ICFG-PEDES ships only train and test): set data.init_args.model_selection: test to "
+                              "validate on the test split, or trainer.limit_val_batches: 0 to train without validation")
+        return self._eval_loaders(self.model_selection)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")

@@ -1,0 +1,166 @@
+"""AttributeModule and AttributeDataModule: losses fall, wiring of the positive ratio, protocol switch, CLI run."""
+
+import csv
+import glob
+import os
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from pedlightning.cli import main
+from pedlightning.data.datamodules.attributes import AttributeDataModule
+from pedlightning.data.synthetic import write_pa100k
+from pedlightning.errors import ConfigError
+from pedlightning.losses import weighted_bce
+from pedlightning.metrics import attribute_metrics
+from pedlightning.tasks.attributes import AttributeModule
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs/attributes/demo_synthetic.yaml")
+SIZE = (64, 32)
+
+
+@pytest.fixture(scope="module")
+def pa100k(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("pa") / "pa100k")
+    return write_pa100k(root, num_train=48, num_val=16, num_test=24, seed=0)
+
+
+def _data(root, **kw):
+    kw = {"img_size": SIZE, "batch_size": 16, "num_workers": 0, **kw}
+    return AttributeDataModule("pa100k", root, **kw)
+
+
+def _trainer(tmp_path, **kw):
+    kw = {"logger": False, "enable_checkpointing": False, **kw}
+    return L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                     use_distributed_sampler=False, default_root_dir=str(tmp_path), **kw)
+
+
+def _model(lr=3e-3, **kw):
+    return AttributeModule("resnet_tiny_test", SIZE, optimizer=lambda p: torch.optim.Adam(p, lr=lr), **kw)
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted_bce", "plain_bce"])
+def test_overfitting_one_batch_reduces_the_loss(tmp_path, pa100k, weighted):
+    L.seed_everything(0)
+    # The BatchNorm on the logits keeps them at unit scale until its weight grows: a high lr shows the fall in 40 steps.
+    data, model = _data(pa100k, flip_prob=0.0, padding=0), _model(lr=1e-2, weighted_loss=weighted)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    _trainer(tmp_path, max_steps=40, overfit_batches=1, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
+             callbacks=[Record()]).fit(model, data)
+    assert losses[-1] < 0.6 * losses[0], losses
+    # The head width, the loss weights and the names came from the datamodule.
+    assert model.hparams.num_attributes == 26 == model.head.fc.out_features
+    assert model.hparams.attribute_names == data.attribute_names
+    if weighted:
+        torch.testing.assert_close(model.positive_ratio, torch.tensor(data.positive_ratio))
+
+
+def test_training_step_weights_the_bce_by_the_positive_ratio(pa100k):
+    data = _data(pa100k, flip_prob=0.0, padding=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    ratio = data.positive_ratio
+    for weighted in (True, False):
+        torch.manual_seed(0)
+        model = _model(num_attributes=26, positive_ratio=ratio, weighted_loss=weighted)
+        with torch.no_grad():
+            expected = weighted_bce(model(batch["image"]), batch["labels"], torch.tensor(ratio) if weighted else None)
+            torch.testing.assert_close(model.training_step(batch, 0), expected)
+    assert not torch.isclose(weighted_bce(torch.zeros(2, 26), batch["labels"][:2], torch.tensor(ratio)),
+                             weighted_bce(torch.zeros(2, 26), batch["labels"][:2]))
+
+
+def test_checkpoint_rebuilds_the_head_and_carries_the_positive_ratio(tmp_path, pa100k):
+    data, model = _data(pa100k), _model()
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, data)
+    path = str(tmp_path / "model.ckpt")
+    trainer.save_checkpoint(path)
+    loaded = AttributeModule.load_from_checkpoint(path, map_location="cpu").eval()
+    torch.testing.assert_close(loaded.positive_ratio, torch.tensor(data.positive_ratio))
+    assert loaded.hparams.attribute_names == data.attribute_names
+    images = torch.randn(3, 3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model.eval()(images))
+
+
+def test_validation_split_follows_train_split(pa100k):
+    data = _data(pa100k)
+    data.setup("fit")
+    assert data.val_dataloader().dataset.records == data.source.val
+    assert len(data.source.train) == 48
+
+    trainval = _data(pa100k, train_split="trainval")
+    with pytest.warns(UserWarning, match="VALIDATION RUNS ON THE TEST SPLIT"):
+        trainval.setup("fit")
+    assert len(trainval.source.train) == 48 + 16
+    assert trainval.val_dataloader().dataset.records == trainval.source.test
+    assert trainval.test_dataloader().dataset.records == trainval.source.test
+
+
+def test_without_num_attributes_or_datamodule_is_a_config_error(tmp_path, pa100k):
+    data = _data(pa100k)
+    data.setup("fit")
+    with pytest.raises(ConfigError, match="num_attributes"):
+        _trainer(tmp_path, fast_dev_run=True).fit(_model(), train_dataloaders=data.train_dataloader())
+    with pytest.raises(ConfigError, match="model.positive_ratio has 3 entries"):
+        _model(num_attributes=26, positive_ratio=[0.5, 0.5, 0.5])
+
+
+def _metrics_csv(run_dir) -> dict[str, float]:
+    (path,) = glob.glob(os.path.join(run_dir, "csv", "**", "metrics.csv"), recursive=True)
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
+
+
+def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
+    """`pedlightning fit` / `test` with the demo config; the logged test metrics equal attribute_metrics computed
+    from the checkpoint's predictions outside Lightning."""
+    run, overlay = tmp_path / "run", tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1, "enable_progress_bar": False, "callbacks": []},
+        "data": {"init_args": {"root": pa100k, "num_workers": 0, "batch_size": 16}}}))
+    main(["fit", "--config", DEMO, "--config", str(overlay), f"--trainer.default_root_dir={run}"])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["hyper_parameters"]["num_attributes"] == 26
+    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run / 'csv'}"])
+    logged = _metrics_csv(run)
+
+    model = AttributeModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
+    data = _data(pa100k)
+    data.setup("test")
+    probs, labels = [], []
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            probs.append(torch.sigmoid(model(batch["image"])))
+            labels.append(batch["labels"])
+    expected = attribute_metrics(torch.cat(probs), torch.cat(labels))
+    assert len(torch.cat(labels)) == 24
+    for key in ("mA", "accuracy", "precision", "recall", "f1"):
+        assert logged[f"test/{key}"] == pytest.approx(expected[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(REPO, "configs/attributes/*.yaml"))),
+                         ids=os.path.basename)
+def test_config_is_consistent(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    model, data = resolved["model"]["init_args"], resolved["data"]["init_args"]
+    assert model["img_size"] == data["img_size"]
+    assert model["threshold"] == 0.5 and model["weighted_loss"] is True
+    assert resolved["checkpoint"]["monitor"] == "val/mA"
+    assert data["train_split"] == "train"

@@ -1,0 +1,251 @@
+"""TextReIDModule and TextReIDDataModule: each loss falls, caption datasets, model selection, ICFG's missing val
+split, identity batches, CLI fit + test with numbers checked outside Lightning, config consistency."""
+
+import csv
+import glob
+import os
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from pedlightning.cli import main
+from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset
+from pedlightning.data.datamodules.text import TextReIDDataModule
+from pedlightning.data.datasets import RecordDataset
+from pedlightning.data.synthetic import write_cuhk_pedes, write_icfg_pedes
+from pedlightning.data.transforms import build_test_transform
+from pedlightning.errors import ConfigError
+from pedlightning.metrics import retrieval_evaluate
+from pedlightning.models.text import CLIP_PRESETS, ClipDualEncoder, tokenizer
+from pedlightning.tasks.text_reid import TextReIDModule
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs/text_reid/demo_synthetic.yaml")
+SIZE = (64, 32)
+
+
+@pytest.fixture(scope="module")
+def cuhk(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("cuhk") / "cuhk_pedes")
+    return write_cuhk_pedes(root, num_train_ids=8, num_val_ids=4, num_test_ids=5, images_per_id=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def icfg(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("icfg") / "icfg_pedes")
+    return write_icfg_pedes(root, num_train_ids=6, num_test_ids=4, images_per_id=2, seed=0)
+
+
+def _data(root, dataset="cuhk_pedes", **kw):
+    kw = {"img_size": SIZE, "batch_size": 16, "num_workers": 0, "tokenizer": "clip_tiny_test", **kw}
+    return TextReIDDataModule(dataset, root, **kw)
+
+
+def _model(lr=1e-3, **kw):
+    return TextReIDModule("clip_tiny_test", SIZE, optimizer=lambda p: torch.optim.Adam(p, lr=lr), warmup_epochs=0.0,
+                          **kw)
+
+
+def _trainer(tmp_path, **kw):
+    kw = {"logger": False, "enable_checkpointing": False, **kw}
+    return L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                     use_distributed_sampler=False, default_root_dir=str(tmp_path), **kw)
+
+
+def test_caption_datasets_have_one_item_per_caption(cuhk):
+    data = _data(cuhk)
+    data.setup("fit")
+    records, tok, transform = data.source.train, tokenizer("clip_tiny_test", 77), build_test_transform(SIZE)
+    pairs = ImageCaptionDataset(records, tok, transform)
+    assert len(pairs) == sum(len(r.captions) for r in records) == 32
+    images = RecordDataset(records, transform)
+    for index in (0, 1, 5, 31):
+        item = pairs[index]
+        record = records[index // 2]  # two captions per synthetic image, in record order
+        assert item["image_index"] == index // 2 and item["pid"] == record.pid and item["index"] == index
+        torch.testing.assert_close(item["tokens"], tok([record.captions[index % 2]])[0])
+        assert item["path"] == record.path
+        torch.testing.assert_close(item["image"], images[index // 2]["image"])
+    queries = CaptionDataset(data.source.test, tok)
+    assert queries.captions == [c for r in data.source.test for c in r.captions]
+    assert "image" not in queries[0] and queries[3]["pid"] == data.source.test[1].pid
+
+
+@pytest.mark.parametrize("loss, lr", [("sdm", 1e-3), ("id", 3e-3), ("itc", 1e-3)])
+def test_each_loss_alone_falls_when_overfitting_one_batch(tmp_path, cuhk, loss, lr):
+    L.seed_everything(0)
+    weights = {f"{name}_weight": float(name == loss) for name in ("sdm", "id", "itc")}
+    first, last = _overfit_one_batch(tmp_path, cuhk, _model(lr, **weights))
+    assert set(first) == {"train/loss", f"train/{loss}_loss"}
+    assert last[f"train/{loss}_loss"] < 0.5 * first[f"train/{loss}_loss"], (first, last)
+    assert first["train/loss"] == first[f"train/{loss}_loss"]
+
+
+def test_all_losses_with_a_timm_image_tower(tmp_path, cuhk):
+    L.seed_everything(0)
+    model = _model(image_backbone="resnet_tiny_test", itc_weight=1.0)
+    assert not any(k.startswith("clip.clip.visual.") for k in model.state_dict())
+    assert model.encode_image(torch.randn(2, 3, *SIZE)).shape == (2, model.clip.embed_dim)
+    first, last = _overfit_one_batch(tmp_path, cuhk, model)
+    assert first["train/loss"] == pytest.approx(sum(first[f"train/{k}_loss"] for k in ("sdm", "id", "itc")), rel=1e-5)
+    assert last["train/loss"] < 0.5 * first["train/loss"], (first, last)
+    assert all(last[k] < first[k] for k in first), (first, last)
+    assert model.hparams.num_classes == 8 == model.classifier.out_features
+
+
+def _overfit_one_batch(tmp_path, root, model) -> tuple[dict[str, float], dict[str, float]]:
+    """Train 20 steps on one fixed batch; the logged losses of the first and the last step."""
+    data = _data(root, flip_prob=0.0, padding=0, erasing_prob=0.0)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("loss")})
+
+    _trainer(tmp_path, max_steps=20, overfit_batches=1, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
+             callbacks=[Record()]).fit(model, data)
+    return losses[0], losses[-1]
+
+
+def test_local_clip_checkpoint_loads_with_resized_position_embeddings(tmp_path):
+    source = ClipDualEncoder("clip_tiny_test", (224, 224))
+    path = tmp_path / "open_clip_tiny.pt"
+    torch.save(source.clip.state_dict(), path)
+    model = _model(pretrained=str(path), num_classes=8)
+    torch.testing.assert_close(model.clip.clip.token_embedding.weight, source.clip.token_embedding.weight)
+    torch.testing.assert_close(model.clip.clip.visual.conv1.weight, source.clip.visual.conv1.weight)
+    # 14x14 patch grid (+ CLS) resized to the 4x2 grid of 64x32 images.
+    assert model.clip.clip.visual.positional_embedding.shape == (1 + 4 * 2, 64)
+    report = model.clip.pretrained_report
+    assert report.resized == ["visual.positional_embedding"] and not report.missing and not report.unexpected
+
+
+def test_identity_batches_hold_k_captions_of_each_identity(cuhk):
+    data = _data(cuhk, num_instances=4, batch_size=8)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    assert len(batches) == 4  # 8 ids x 4 captions = 32 samples, 2 ids per batch
+    for batch in batches:
+        assert sorted(torch.bincount(batch["pid"]).tolist())[-2:] == [4, 4]
+
+
+@pytest.mark.parametrize("selection", ["val", "test"])
+def test_model_selection_chooses_the_validation_split(tmp_path, cuhk, selection, caplog):
+    data = _data(cuhk, model_selection=selection)
+    if selection == "test":
+        with pytest.warns(UserWarning, match="VALIDATION RUNS ON THE cuhk_pedes TEST SPLIT"):
+            data.setup("fit")
+    else:
+        data.setup("fit")
+    queries, gallery = data.val_dataloader()
+    records = getattr(data.source, selection)
+    assert gallery.dataset.records == records
+    assert queries.dataset.captions == [c for r in records for c in r.captions]
+    test_queries, test_gallery = data.test_dataloader()
+    assert test_gallery.dataset.records == data.source.test
+
+    model, trainer = _model(), _trainer(tmp_path, max_steps=1, limit_train_batches=1)
+    caplog.set_level("INFO")
+    if selection == "test":
+        with pytest.warns(UserWarning, match=r"val/\* metrics are computed on the TEST split"):
+            trainer.fit(model, data)
+    else:
+        trainer.fit(model, data)
+    said = "on the TEST split" if selection == "test" else "on the val split"
+    assert any(said in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert model.trainer.callback_metrics["val/num_valid_queries"] == len(queries.dataset)
+
+
+def test_icfg_has_no_val_split(tmp_path, icfg):
+    data = _data(icfg, "icfg_pedes", model_selection="val")
+    data.setup("fit")
+    assert data.source.val == []
+    with pytest.raises(ConfigError, match="has no validation split .*model_selection: test"):
+        _trainer(tmp_path, max_steps=1).fit(_model(), data)
+    test_selected = _data(icfg, "icfg_pedes", model_selection="test")
+    with pytest.warns(UserWarning, match="TEST SPLIT"):
+        test_selected.setup("fit")
+    assert test_selected.val_dataloader()[1].dataset.records == test_selected.source.test
+
+
+def test_mismatched_image_size_is_a_config_error(tmp_path, cuhk):
+    model = TextReIDModule("clip_tiny_test", (128, 64), num_classes=8)
+    with pytest.raises(ConfigError, match=r"model.img_size=\(128, 64\) but data.img_size=\(64, 32\)"):
+        _trainer(tmp_path, fast_dev_run=True).fit(model, _data(cuhk))
+
+
+def _metrics_csv(run_dir) -> dict[str, float]:
+    (path,) = glob.glob(os.path.join(run_dir, "csv", "**", "metrics.csv"), recursive=True)
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
+
+
+def test_cli_fit_then_test_of_the_demo_config(tmp_path, cuhk):
+    """`pedlightning fit` / `test` with the demo config; the logged test metrics equal retrieval_evaluate on the
+    checkpoint's features computed outside Lightning, and rank lists of caption queries are drawn."""
+    run, overlay = tmp_path / "run", tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1, "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "pedlightning.callbacks.RankListCallback",
+                                   "init_args": {"num_queries": 3, "top_k": 5}}]},
+        "data": {"init_args": {"root": cuhk, "num_workers": 0, "batch_size": 16}}}))
+    main(["fit", "--config", DEMO, "--config", str(overlay), f"--trainer.default_root_dir={run}"])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["num_classes"] == 8
+    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run / 'csv'}"])
+    logged = _metrics_csv(run)
+    assert sorted(os.listdir(run / "ranklists")) == ["ranklist_000.png"]
+
+    model = TextReIDModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
+    data = _data(cuhk)
+    data.setup("test")
+    queries, gallery = data.test_dataloader()
+    with torch.no_grad():
+        text = torch.cat([model.encode_text(b["tokens"]) for b in queries])
+        images = torch.cat([model.encode_image(b["image"]) for b in gallery])
+    pids = torch.tensor([r.pid for r in data.source.test])
+    expected = retrieval_evaluate(text, images, torch.tensor(queries.dataset.pids), pids)
+    assert expected["num_valid_queries"] == 20
+    for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
+        assert logged[f"test/{key}"] == pytest.approx(expected[key], abs=1e-6), key
+    # Chance: random features on the same captions and gallery (2 of 10 images match each caption).
+    assert 0 < logged["test/chance_rank1"] < 1 and 0 < logged["test/chance_mAP"] < 1
+
+
+def test_ranklist_inputs_are_captions_and_gallery_paths_in_dataset_order(tmp_path, cuhk):
+    data, model = _data(cuhk), _model(num_classes=8)
+    _trainer(tmp_path).test(model, data, verbose=False)
+    inputs = model.ranklist_inputs()
+    assert inputs.query_is_text and inputs.query_camids is None
+    assert inputs.query_items == [c for r in data.source.test for c in r.captions]
+    assert inputs.gallery_paths == [r.path for r in data.source.test]
+    assert inputs.query_feats.shape == (20, model.clip.embed_dim) and inputs.gallery_feats.shape[0] == 10
+    with torch.no_grad():
+        first = model.encode_text(data.test_dataloader()[0].dataset[0]["tokens"][None])
+    torch.testing.assert_close(inputs.query_feats[:1], first.float())
+
+
+@pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(REPO, "configs/text_reid/*.yaml"))),
+                         ids=os.path.basename)
+def test_config_is_consistent(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    model, data = resolved["model"]["init_args"], resolved["data"]["init_args"]
+    assert model["img_size"] == data["img_size"] and model["context_length"] == data["context_length"]
+    def tokenizer_of(name):
+        return CLIP_PRESETS[name][1] if name in CLIP_PRESETS else name
+
+    assert tokenizer_of(data["tokenizer"]) == tokenizer_of(model["clip_model"])
+    assert resolved["checkpoint"]["monitor"] == "val/rank1"
+    # ICFG-PEDES has no val split: its config must select on test, the others on val.
+    assert data["model_selection"] == ("test" if data["dataset"] == "icfg_pedes" else "val")
+    if "demo" not in config:
+        assert model["logit_scale"] == 50.0 and model["sdm_weight"] == 1.0 and model["id_weight"] == 1.0
+        assert tuple(model["img_size"]) == (384, 128) and data["batch_size"] == 64
+        assert resolved["trainer"]["max_epochs"] == 60 and model["warmup_epochs"] == 5
