@@ -9,12 +9,17 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from pedlightning.data.datamodules.common import (as_size, eval_loader, require_own_sampling, shuffled_loader,
-                                                  synthesize_if_missing)
+from pedlightning.data.datamodules.common import (
+    as_size,
+    eval_loader,
+    parse_source,
+    require_own_sampling,
+    shuffled_loader,
+    synthesize_if_missing,
+)
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.sources import build_attribute_source
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
-from pedlightning.errors import DatasetLayoutError
 
 
 class AttributeDataModule(L.LightningDataModule):
@@ -61,12 +66,8 @@ class AttributeDataModule(L.LightningDataModule):
     def _load_source(self):
         if self.source is None:
             hp = self.hparams
-            try:
-                self.source = build_attribute_source(hp.dataset, hp.root, train_split=hp.train_split)
-            except DatasetLayoutError as err:
-                hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write synthetic data there)"
-                raise DatasetLayoutError(f"{err}{hint}") from err
-            rank_zero_info(self.source.stats_table())
+            self.source = parse_source(build_attribute_source, hp.dataset, hp.root, hp.synthesize,
+                                       train_split=hp.train_split)
         return self.source
 
     def setup(self, stage: str | None = None) -> None:

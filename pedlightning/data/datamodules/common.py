@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pedlightning.errors import ConfigError
+from pedlightning.errors import ConfigError, DatasetLayoutError
 
 
 def is_empty_dir(path: str) -> bool:
@@ -28,6 +30,20 @@ def synthesize_if_missing(name: str, root: str, synthesize: bool, writer_kwargs:
         raise ConfigError(f"no synthetic writer for dataset {name!r}; available: {sorted(SYNTHETIC_WRITERS)}")
     SYNTHETIC_WRITERS[name](root, **(writer_kwargs or {}))
     return True
+
+
+def parse_source(build: Callable[..., Any], dataset: str, root: str, synthesize: bool, **kwargs: Any) -> Any:
+    """Parse ``dataset`` at ``root`` with a source registry's ``build`` and print its stats table.
+
+    A layout error from a datamodule without ``synthesize`` adds the hint that built-in synthetic data exists.
+    """
+    try:
+        source = build(dataset, root, **kwargs)
+    except DatasetLayoutError as err:
+        hint = "" if synthesize else "\n(set data.init_args.synthesize: true to write a synthetic dataset there)"
+        raise DatasetLayoutError(f"{err}{hint}") from err
+    rank_zero_info(source.stats_table())
+    return source
 
 
 def world(trainer: L.Trainer | None) -> tuple[int, int]:

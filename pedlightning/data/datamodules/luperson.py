@@ -12,8 +12,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from pedlightning.data.datamodules.common import as_size, synthesize_if_missing, world
 from pedlightning.data.datasets import load_rgb
-from pedlightning.data.shards import (EpochLoader, ErrorCounter, OnError, ShardSampling, ShardStream,
-                                      batches_per_rank, shard_sizes)
+from pedlightning.data.shards import (
+    EpochLoader,
+    ErrorCounter,
+    OnError,
+    ShardSampling,
+    ShardStream,
+    batches_per_rank,
+    shard_sizes,
+)
 from pedlightning.data.sources.base import format_table
 from pedlightning.data.sources.luperson import SourceKind, detect_kind, find_shards, luperson_images
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD

@@ -5,16 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from pedlightning.data.datamodules.common import (as_size, eval_loader, require_own_sampling,
-                                                  synthesize_if_missing, world)
+from pedlightning.data.datamodules.common import (
+    as_size,
+    eval_loader,
+    parse_source,
+    require_own_sampling,
+    synthesize_if_missing,
+    world,
+)
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import build_reid_source
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
-from pedlightning.errors import DatasetLayoutError
 
 
 class ReIDDataModule(L.LightningDataModule):
@@ -55,12 +59,8 @@ class ReIDDataModule(L.LightningDataModule):
     def _load_source(self):
         if self.source is None:
             hp = self.hparams
-            try:
-                self.source = build_reid_source(hp.dataset, hp.root, **(hp.dataset_kwargs or {}))
-            except DatasetLayoutError as err:
-                hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write a synthetic dataset there)"
-                raise DatasetLayoutError(f"{err}{hint}") from err
-            rank_zero_info(self.source.stats_table())
+            self.source = parse_source(build_reid_source, hp.dataset, hp.root, hp.synthesize,
+                                       **(hp.dataset_kwargs or {}))
         return self.source
 
     def setup(self, stage: str | None = None) -> None:

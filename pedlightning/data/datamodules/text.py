@@ -10,13 +10,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset, Tokenizer
-from pedlightning.data.datamodules.common import (as_size, eval_loader, require_own_sampling, shuffled_loader,
-                                                  synthesize_if_missing, world)
+from pedlightning.data.datamodules.common import (
+    as_size,
+    eval_loader,
+    parse_source,
+    require_own_sampling,
+    shuffled_loader,
+    synthesize_if_missing,
+    world,
+)
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import build_text_source
 from pedlightning.data.transforms import build_test_transform, build_train_transform
-from pedlightning.errors import ConfigError, DatasetLayoutError
+from pedlightning.errors import ConfigError
 from pedlightning.models.text import tokenizer
 
 #: CLIP's normalisation (OpenAI), the statistics its image tower was trained with.
@@ -84,12 +91,7 @@ class TextReIDDataModule(L.LightningDataModule):
     def _load_source(self):
         if self.source is None:
             hp = self.hparams
-            try:
-                self.source = build_text_source(hp.dataset, hp.root)
-            except DatasetLayoutError as err:
-                hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write synthetic data there)"
-                raise DatasetLayoutError(f"{err}{hint}") from err
-            rank_zero_info(self.source.stats_table())
+            self.source = parse_source(build_text_source, hp.dataset, hp.root, hp.synthesize)
         return self.source
 
     def get_tokenizer(self) -> Tokenizer:
