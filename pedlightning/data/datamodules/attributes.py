@@ -5,24 +5,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from pedlightning.data.datamodules.common import (
+    SourceDataModule,
     as_size,
     eval_loader,
-    parse_source,
     require_own_sampling,
     shuffled_loader,
-    synthesize_if_missing,
 )
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.sources import build_attribute_source
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
 
 
-class AttributeDataModule(L.LightningDataModule):
+class AttributeDataModule(SourceDataModule):
     """Pedestrian attribute recognition data: images with a binary label vector.
 
     Protocol switch ``train_split`` (PA-100K: 80,000 train / 10,000 val / 10,000 test images):
@@ -48,6 +46,8 @@ class AttributeDataModule(L.LightningDataModule):
         seed: shuffling seed, shared by all ranks.
     """
 
+    build_source = staticmethod(build_attribute_source)
+
     def __init__(self, dataset: str = "pa100k", root: str = "data/PA-100K",
                  train_split: Literal["train", "trainval"] = "train", synthesize: bool = False,
                  synthetic: dict | None = None, img_size: Sequence[int] = (256, 128), batch_size: int = 64,
@@ -57,18 +57,9 @@ class AttributeDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
-        self.source = None
 
-    def prepare_data(self) -> None:
-        hp = self.hparams
-        synthesize_if_missing(hp.dataset, hp.root, hp.synthesize, hp.synthetic)
-
-    def _load_source(self):
-        if self.source is None:
-            hp = self.hparams
-            self.source = parse_source(build_attribute_source, hp.dataset, hp.root, hp.synthesize,
-                                       train_split=hp.train_split)
-        return self.source
+    def source_kwargs(self) -> dict:
+        return {"train_split": self.hparams.train_split}
 
     def setup(self, stage: str | None = None) -> None:
         self._load_source()

@@ -92,3 +92,36 @@ def as_size(value: Sequence[int]) -> tuple[int, int]:
     if len(size) != 2 or min(size) <= 0:
         raise ConfigError(f"img_size must be [height, width] with positive values, got {list(value)}")
     return size  # type: ignore[return-value]
+
+
+class SourceDataModule(L.LightningDataModule):
+    """A DataModule over one on-disk dataset parsed by a source registry (``hparams.dataset``, ``hparams.root``).
+
+    ``prepare_data`` writes the synthetic version when ``hparams.synthesize`` is set and the root is missing or
+    empty; ``setup`` parses the dataset once and prints its stats table. Subclasses set ``build_source`` (a
+    registry's ``build_*_source``) and may override :meth:`source_kwargs` for protocol switches.
+    """
+
+    build_source: Callable[..., Any]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source: Any = None
+
+    def source_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        synthesize_if_missing(hp.dataset, hp.root, hp.synthesize, hp.synthetic)
+
+    def _load_source(self) -> Any:
+        if self.source is None:
+            hp = self.hparams
+            self.source = parse_source(type(self).build_source, hp.dataset, hp.root, hp.synthesize,
+                                       **self.source_kwargs())
+        return self.source
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_source()
+

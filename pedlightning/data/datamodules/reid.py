@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 from torch.utils.data import DataLoader
 
 from pedlightning.data.datamodules.common import (
+    SourceDataModule,
     as_size,
     eval_loader,
-    parse_source,
     require_own_sampling,
-    synthesize_if_missing,
     world,
 )
 from pedlightning.data.datasets import RecordDataset
@@ -21,7 +19,7 @@ from pedlightning.data.sources import build_reid_source
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
 
 
-class ReIDDataModule(L.LightningDataModule):
+class ReIDDataModule(SourceDataModule):
     """Supervised person re-identification data.
 
     Train batches come from :class:`IdentityBatchSampler` (``batch_size / num_instances`` identities x
@@ -42,6 +40,8 @@ class ReIDDataModule(L.LightningDataModule):
         seed: sampler seed, shared by all ranks.
     """
 
+    build_source = staticmethod(build_reid_source)
+
     def __init__(self, dataset: str = "market1501", root: str = "data/market1501", dataset_kwargs: dict | None = None,
                  synthesize: bool = False, synthetic: dict | None = None, img_size: Sequence[int] = (256, 128),
                  batch_size: int = 64, num_instances: int = 4, test_batch_size: int = 128, num_workers: int = 4,
@@ -50,21 +50,9 @@ class ReIDDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
-        self.source = None
 
-    def prepare_data(self) -> None:
-        hp = self.hparams
-        synthesize_if_missing(hp.dataset, hp.root, hp.synthesize, hp.synthetic)
-
-    def _load_source(self):
-        if self.source is None:
-            hp = self.hparams
-            self.source = parse_source(build_reid_source, hp.dataset, hp.root, hp.synthesize,
-                                       **(hp.dataset_kwargs or {}))
-        return self.source
-
-    def setup(self, stage: str | None = None) -> None:
-        self._load_source()
+    def source_kwargs(self) -> dict:
+        return dict(self.hparams.dataset_kwargs or {})
 
     @property
     def num_classes(self) -> int:

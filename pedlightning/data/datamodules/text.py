@@ -5,18 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset, Tokenizer
 from pedlightning.data.datamodules.common import (
+    SourceDataModule,
     as_size,
     eval_loader,
-    parse_source,
     require_own_sampling,
     shuffled_loader,
-    synthesize_if_missing,
     world,
 )
 from pedlightning.data.datasets import RecordDataset
@@ -31,7 +29,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class TextReIDDataModule(L.LightningDataModule):
+class TextReIDDataModule(SourceDataModule):
     """Text-to-image person search data.
 
     Training: one sample per caption (image, ``tokens``, ``pid``), shuffled, or P identities x K samples
@@ -63,6 +61,8 @@ class TextReIDDataModule(L.LightningDataModule):
         seed: shuffling seed, shared by all ranks.
     """
 
+    build_source = staticmethod(build_text_source)
+
     def __init__(self, dataset: str = "cuhk_pedes", root: str = "data/CUHK-PEDES",
                  model_selection: Literal["val", "test"] = "val", synthesize: bool = False,
                  synthetic: dict | None = None, tokenizer: str = "ViT-B-16", context_length: int = 77,
@@ -73,7 +73,6 @@ class TextReIDDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
-        self.source = None
         self._tokenizer: Tokenizer | None = None
 
     @property
@@ -83,16 +82,6 @@ class TextReIDDataModule(L.LightningDataModule):
     @property
     def context_length(self) -> int:
         return self.hparams.context_length
-
-    def prepare_data(self) -> None:
-        hp = self.hparams
-        synthesize_if_missing(hp.dataset, hp.root, hp.synthesize, hp.synthetic)
-
-    def _load_source(self):
-        if self.source is None:
-            hp = self.hparams
-            self.source = parse_source(build_text_source, hp.dataset, hp.root, hp.synthesize)
-        return self.source
 
     def get_tokenizer(self) -> Tokenizer:
         """The caption tokenizer: list of N strings -> LongTensor (N, context_length)."""
