@@ -21,7 +21,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pedlightning.models.ema import ema_update_
+from pedlightning.models.encoders import ImageEncoderConfig
+from pedlightning.models.momentum import ema_update_
 from pedlightning.models.masking import forward_visible, visible_indices
 from pedlightning.tasks.personmae import PersonMAEModule
 
@@ -47,8 +48,8 @@ class Setting:
     def __init__(self, args: argparse.Namespace, ratio: float, device: torch.device):
         torch.manual_seed(0)
         self.args, self.device, self.ratio = args, device, ratio
-        self.model = PersonMAEModule(args.backbone, args.img_size, mask_ratio=ratio,
-                                     backbone_kwargs=args.backbone_kwargs, feat_weight_warmup_epochs=0.0).to(device)
+        encoder = ImageEncoderConfig(args.backbone, tuple(args.img_size), model_kwargs=args.backbone_kwargs)
+        self.model = PersonMAEModule(encoder, mask_ratio=ratio, feat_weight_warmup_epochs=0.0).to(device)
         params = [p for p in self.model.optimized_modules().parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -71,7 +72,7 @@ class Setting:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        ema_update_(model.teacher, model.encoder, 0.999)
+        ema_update_(model.teacher.module, model.encoder, 0.999)
         self.steps_done += 1
 
     def time_steps(self) -> None:

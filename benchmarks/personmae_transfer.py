@@ -29,6 +29,7 @@ import torch
 from pedlightning.data.datamodules.luperson import LUPersonDataModule
 from pedlightning.data.datamodules.reid import ReIDDataModule
 from pedlightning.data.synthetic import write_luperson_shards, write_occluded_duke
+from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.tasks.personmae import PersonMAEModule
 from pedlightning.tasks.reid import ReIDModule
 
@@ -45,9 +46,14 @@ def trainer(epochs: int, **kwargs) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
+def encoder(args, pretrained: str | None = None) -> ImageEncoderConfig:
+    return ImageEncoderConfig(args.backbone, tuple(args.img_size), drop_path_rate=0.0, pretrained=pretrained,
+                              model_kwargs=args.backbone_kwargs)
+
+
 def pretrain(args, model_kwargs: dict, data_kwargs: dict, shards: str, out: str) -> str:
     L.seed_everything(0, verbose=False)
-    model = PersonMAEModule(args.backbone, args.img_size, drop_path_rate=0.0, backbone_kwargs=args.backbone_kwargs,
+    model = PersonMAEModule(encoder(args),
                             min_block_patches=16, decoder_dim=64, decoder_depth=2, decoder_heads=4,
                             feat_weight_warmup_epochs=args.pretrain_epochs / 5, teacher_momentum=0.99,
                             teacher_momentum_final=0.999, weight_decay=0.05, warmup_epochs=1,
@@ -63,8 +69,8 @@ def pretrain(args, model_kwargs: dict, data_kwargs: dict, shards: str, out: str)
 
 def finetune(args, pretrained: str | None, seed: int, root: str) -> dict[str, float]:
     L.seed_everything(seed, verbose=False)
-    model = ReIDModule(args.backbone, args.img_size, drop_path_rate=0.0, backbone_kwargs=args.backbone_kwargs,
-                       pretrained=pretrained, triplet_margin=None, report_chance=True, weight_decay=5e-4,
+    model = ReIDModule(encoder(args, pretrained),
+                       triplet_margin=None, report_chance=True, weight_decay=5e-4,
                        warmup_epochs=2, optimizer=functools.partial(torch.optim.AdamW, lr=args.finetune_lr))
     data = ReIDDataModule("occluded_duke", root, img_size=args.img_size, batch_size=32, num_instances=4,
                           num_workers=args.num_workers, seed=seed)

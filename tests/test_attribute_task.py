@@ -15,6 +15,7 @@ from pedlightning.data.synthetic import write_pa100k
 from pedlightning.errors import ConfigError
 from pedlightning.losses import weighted_bce
 from pedlightning.metrics import attribute_metrics
+from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.tasks.attributes import AttributeModule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def _trainer(tmp_path, **kw):
 
 
 def _model(lr=3e-3, **kw):
-    return AttributeModule("resnet_tiny_test", SIZE, optimizer=lambda p: torch.optim.Adam(p, lr=lr), **kw)
+    return AttributeModule(ImageEncoderConfig("resnet_tiny_test", SIZE, drop_path_rate=0.0, last_stride=2), optimizer=lambda p: torch.optim.Adam(p, lr=lr), **kw)
 
 
 @pytest.mark.parametrize("weighted", [True, False], ids=["weighted_bce", "plain_bce"])
@@ -160,7 +161,7 @@ def test_config_is_consistent(config, capsys):
     assert exit_info.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
     model, data = resolved["model"]["init_args"], resolved["data"]["init_args"]
-    assert model["img_size"] == data["img_size"]
+    assert model["encoder"]["img_size"] == data["img_size"]
     assert model["threshold"] == 0.5 and model["weighted_loss"] is True
     assert resolved["checkpoint"]["monitor"] == "val/mA"
     assert data["train_split"] == "train"

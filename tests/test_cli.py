@@ -126,7 +126,7 @@ def test_real_data_reid_configs_run(config, tmp_path):
     tiny = "resnet_tiny_test" if "_r50" in config else "vit_tiny_test"
     fit = _cli("fit", ["--config", config, f"--trainer.default_root_dir={tmp_path}/run", "--trainer.max_steps=2",
                        "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", "--trainer.devices=1",
-                       "--trainer.precision=32-true", f"--model.init_args.backbone={tiny}",
+                       "--trainer.precision=32-true", f"--model.init_args.encoder.name={tiny}",
                        f"--data.init_args.root={tmp_path}/{dataset}", "--data.init_args.synthesize=true",
                        "--data.init_args.synthetic={num_train_ids: 8, num_test_ids: 6}",
                        "--data.init_args.num_workers=0", "--data.init_args.batch_size=16"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import asdict
 
 import open_clip
 import pytest
@@ -11,9 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pedlightning.data.tokenizer import build_tokenizer
 from pedlightning.errors import CheckpointError, ConfigError
-from pedlightning.models import BNNeck, ImageEncoder, load_pretrained
-from pedlightning.models.text import ClipDualEncoder, build_clip, tokenizer
+from pedlightning.models import BNNeck, ImageEncoder, ImageEncoderConfig, load_pretrained
+from pedlightning.models.text import (
+    CLIP_PRESETS,
+    TextEncoder,
+    TextEncoderConfig,
+    build_clip,
+)
 from pedlightning.models.checkpoint import infer_source_grid
 
 TINY_VIT = dict(depth=2, embed_dim=64, num_heads=2)
@@ -265,6 +271,10 @@ def test_torchscript_clip_checkpoint(tmp_path):
     enc = _tiny_clip_encoder((64, 32), str(path))
     assert sorted(enc.pretrained_report.loaded) == sorted(enc.model.state_dict())
     torch.testing.assert_close(enc.model.cls_token[0, 0], clip.visual.class_embedding.detach(), rtol=0, atol=0)
+    tower = ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32), drop_path_rate=0.0, pretrained=str(path))
+    assert tower.pretrained_report.prefix == "visual." and tower.pretrained_report.missing == []
+    assert tower.pretrained_report.resized == ["positional_embedding"]
+    torch.testing.assert_close(tower.model.proj, clip.visual.proj.detach(), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------------- heads
@@ -288,27 +298,27 @@ def test_bnneck():
 
 
 def test_tokenizer():
-    tok = tokenizer("ViT-B-16", context_length=77)
+    tok = build_tokenizer("ViT-B-16", context_length=77)
     ids = tok(["a man in a red shirt", "a woman"])
     assert ids.shape == (2, 77) and ids.dtype == torch.long
     assert ids[0, 0] == 49406 and ids[0, 7] == 49407 and torch.all(ids[0, 8:] == 0)  # SOT, 6 words, EOT, pad
-    assert tokenizer("clip_tiny_test", context_length=32)("one caption").shape == (1, 32)
+    assert build_tokenizer("clip_tiny_test", context_length=32)(["one caption"]).shape == (1, 32)
 
 
-def test_clip_dual_encoder_shapes_and_eot_pooling():
+def test_clip_towers_shapes_and_eot_pooling():
     torch.manual_seed(0)
-    enc = ClipDualEncoder("clip_tiny_test", image_size=(64, 32)).eval()
-    assert enc.embed_dim == 64
-    assert enc.encode_image(torch.randn(2, 3, 64, 32)).shape == (2, 64)
-    tokens = enc.tokenize(["a man in a red shirt", "a woman with a bag"])
+    image, text_tower = ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32)).eval(), \
+        TextEncoder("clip_tiny_test").eval()
+    assert image.embed_dim == text_tower.embed_dim == 64
+    assert image(torch.randn(2, 3, 64, 32)).shape == (2, 64)
+    tokens = build_tokenizer("clip_tiny_test", 77)(["a man in a red shirt", "a woman with a bag"])
     with torch.no_grad():
-        text = enc.encode_text(tokens)
+        text = text_tower(tokens)
         assert text.shape == (2, 64)
         # The feature is read at the end-of-text token under a causal mask: what follows it does not matter.
         noisy = tokens.clone()
         noisy[:, 20:] = torch.randint(1, 49000, (2, 57))
-        torch.testing.assert_close(enc.encode_text(noisy), text)
-    assert math.isclose(enc.logit_scale.item(), 1 / 0.07, rel_tol=1e-5)
+        torch.testing.assert_close(text_tower(noisy), text)
 
 
 def test_clip_checkpoint_resized_to_rectangular_grid(tmp_path):
@@ -340,3 +350,153 @@ def test_named_open_clip_config_at_384x128():
 def test_build_clip_errors():
     with pytest.raises(ConfigError, match="ViT-Q-99"):
         build_clip("ViT-Q-99")
+
+
+# ------------------------------------------------------------------------------- encoder configs, CLIP towers
+
+
+def test_image_encoder_from_config_dict_and_overrides():
+    cfg = ImageEncoderConfig(name="vit_tiny_test", img_size=[64, 32], drop_path_rate=0.3, model_kwargs={"depth": 3})
+    assert cfg.img_size == (64, 32)
+    enc = ImageEncoder.from_config(asdict(cfg), drop_path_rate=0.0)  # checkpoints store the config as a dict
+    assert enc.patch_grid == (4, 2) and len(enc.model.blocks) == 3
+    assert all(b.drop_path1.__class__ is nn.Identity for b in enc.model.blocks)  # rate 0 -> no DropPath at all
+    with pytest.raises(ConfigError, match=r"unknown ImageEncoderConfig field\(s\) \['backbone'\]"):
+        ImageEncoder.from_config({"backbone": "resnet50"})
+    with pytest.raises(ConfigError, match="img_size must be"):
+        ImageEncoderConfig(img_size=256)
+
+
+def test_clip_towers_reproduce_open_clip(tmp_path):
+    """ImageEncoder('open_clip:...') and TextEncoder are CLIP's towers: the same numbers for the same weights."""
+    torch.manual_seed(0)
+    clip, _ = build_clip("clip_tiny_test", image_size=(64, 32))
+    path = tmp_path / "clip.pt"
+    torch.save(clip.state_dict(), path)
+    clip.eval()
+
+    image = ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32), drop_path_rate=0.0, pretrained=str(path))
+    text = TextEncoder.from_config(TextEncoderConfig("clip_tiny_test", pretrained=str(path)))
+    image.eval(), text.eval()
+    assert image.is_open_clip and not image.is_vit and image.embed_dim == 64
+    assert image.patch_grid == (4, 2) and image.num_prefix_tokens == 1
+    assert (text.embed_dim, text.context_length, text.width) == (64, 77, 64)
+    assert not any(k.startswith("model.visual") for k in text.state_dict())  # no visual tower built
+    for enc, prefix in ((image, "visual."), (text, "")):
+        report = enc.pretrained_report
+        assert report.prefix == prefix and sorted(report.loaded) == sorted(enc.model.state_dict())
+        assert report.missing == report.unexpected == report.skipped == report.resized == []
+    assert "logit_scale" in text.pretrained_report.ignored and "visual.proj" in text.pretrained_report.ignored
+    assert "token_embedding.weight" in image.pretrained_report.ignored
+
+    x = torch.randn(3, 3, 64, 32)
+    tokens = build_tokenizer("clip_tiny_test")(["a man in a red shirt", "a woman", "a child with a blue bag"])
+    with torch.no_grad():
+        torch.testing.assert_close(image(x), clip.encode_image(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(text(tokens), clip.encode_text(tokens), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="context_length=77"):
+        text(torch.zeros(1, 78, dtype=torch.long))
+    with pytest.raises(ConfigError, match="timm CLIP-layout ViT"):
+        image.forward_tokens(x)
+    with pytest.raises(ConfigError, match="stride_size"):
+        ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32), stride_size=12)
+
+
+def test_clip_visual_tower_resized_and_model_kwargs(tmp_path):
+    src, _ = build_clip("clip_tiny_test", image_size=(224, 224))
+    path = tmp_path / "clip224.pt"
+    torch.save(src.state_dict(), path)
+    enc = ImageEncoder("open_clip:clip_tiny_test", img_size=(384, 128), drop_path_rate=0.0, pretrained=str(path))
+    assert enc.patch_grid == (24, 8)
+    assert enc.pretrained_report.resized == ["positional_embedding"]
+    assert enc.pretrained_report.notes["positional_embedding"] == "grid 14x14 -> 24x8"
+    expected = _interpolate_grid(src.visual.positional_embedding.detach()[None], (14, 14), (24, 8))[0]
+    torch.testing.assert_close(enc.model.positional_embedding.detach(), expected)
+
+    # model_kwargs = an open_clip model config replacing the named one (TextReID's former `clip_config`).
+    cfg = {**CLIP_PRESETS["clip_tiny_test"][0], "embed_dim": 32}
+    cfg["vision_cfg"] = {**cfg["vision_cfg"], "layers": 3}
+    small = ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32), drop_path_rate=0.0, model_kwargs=cfg)
+    assert small.embed_dim == 32 and len(small.model.transformer.resblocks) == 3
+    assert small(torch.randn(2, 3, 64, 32)).shape == (2, 32)
+
+
+def test_text_encoder_other_context_length_reports_the_position_embedding(tmp_path):
+    src, _ = build_clip("clip_tiny_test", image_size=(224, 224))
+    path = tmp_path / "clip.pt"
+    torch.save(src.state_dict(), path)
+    text = TextEncoder("clip_tiny_test", context_length=32, pretrained=str(path))
+    report = text.pretrained_report
+    assert report.skipped == ["positional_embedding"] and report.missing == []
+    assert report.notes["positional_embedding"] == "checkpoint (77, 64) vs model (32, 64)"
+    torch.testing.assert_close(text.model.token_embedding.weight, src.token_embedding.weight, rtol=0, atol=0)
+
+
+def test_clip_open_clip_stochastic_depth_rates():
+    enc = ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32), drop_path_rate=0.5)
+    blocks = enc.model.transformer.resblocks
+    assert not hasattr(blocks[0].ls_1, "drop_path")  # linear in depth: 0 at the first block
+    assert blocks[1].ls_1.drop_path.drop_prob == blocks[1].ls_2.drop_path.drop_prob == 0.5
+    assert "model.transformer.resblocks.1.ls_1.drop_path" not in dict(enc.state_dict())  # keys unchanged
+    x = torch.randn(4, 3, 64, 32)
+    enc.eval()
+    reference = enc(x)
+    torch.testing.assert_close(enc(x), reference, rtol=0, atol=0)
+    enc.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(enc(x), reference)
+
+
+def _task_checkpoint(tmp_path, image: ImageEncoder, text: TextEncoder | None, image_key: str, name: str) -> str:
+    """A Lightning checkpoint as our tasks write it: the encoder, a momentum copy, heads, a text tower."""
+    state = {f"{image_key}.{k}": v for k, v in image.state_dict().items()}
+    state.update({f"teacher.module.{k}": torch.full_like(v, 7.0) if v.is_floating_point() else v
+                  for k, v in image.state_dict().items()})
+    state["teacher.last_step"] = torch.tensor(5)
+    state.update({"image_proj.weight": torch.zeros(8, image.embed_dim), "head.classifier.weight": torch.zeros(3, 8)})
+    if text is not None:
+        state.update({f"text_encoder.{k}": v for k, v in text.state_dict().items()})
+    path = tmp_path / name
+    torch.save({"state_dict": state, "hyper_parameters": {}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("image_key", ["encoder", "image_encoder"])
+def test_task_checkpoints_load_the_trained_image_encoder(tmp_path, image_key):
+    torch.manual_seed(0)
+    src = ImageEncoder("vit_tiny_test", img_size=(64, 32))
+    text = TextEncoder("clip_tiny_test", context_length=16) if image_key == "image_encoder" else None
+    path = _task_checkpoint(tmp_path, src, text, image_key, "task.ckpt")
+    enc = ImageEncoder("vit_tiny_test", img_size=(64, 32), pretrained=path)
+    report = enc.pretrained_report
+    assert report.prefix == f"{image_key}.model." and not report.missing and not report.unexpected
+    assert sorted(report.loaded) == sorted(enc.model.state_dict())
+    for key, value in src.state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_text_search_checkpoint_loads_both_clip_towers(tmp_path):
+    """A text-search checkpoint (`image_encoder.model.*` open_clip visual, `text_encoder.model.*`) feeds an
+    open_clip ImageEncoder, a timm CLIP-layout ViT and a TextEncoder."""
+    torch.manual_seed(0)
+    image = ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32), drop_path_rate=0.0).eval()
+    text = TextEncoder("clip_tiny_test").eval()
+    path = _task_checkpoint(tmp_path, image, text, "image_encoder", "text_reid.ckpt")
+
+    image2 = ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32), drop_path_rate=0.0, pretrained=path).eval()
+    text2 = TextEncoder("clip_tiny_test", pretrained=path).eval()
+    timm_vit = _tiny_clip_encoder((64, 32), path).eval()
+    assert image2.pretrained_report.prefix == timm_vit.pretrained_report.prefix == "image_encoder.model."
+    assert text2.pretrained_report.prefix == "text_encoder.model."
+    for enc in (image2, text2, timm_vit):
+        assert enc.pretrained_report.missing == enc.pretrained_report.unexpected == []
+    x = torch.randn(2, 3, 64, 32)
+    tokens = build_tokenizer("clip_tiny_test")(["a man", "a woman with a bag"])
+    with torch.no_grad():
+        torch.testing.assert_close(image2(x), image(x), rtol=0, atol=0)
+        torch.testing.assert_close(text2(tokens), text(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(timm_vit(x) @ image.model.proj, image(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="no CLIP visual tower"):
+        ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32),
+                     pretrained=_task_checkpoint(tmp_path, ImageEncoder("vit_tiny_test", img_size=(64, 32)), None,
+                                                 "encoder", "reid.ckpt"))

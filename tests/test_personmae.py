@@ -12,7 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pedlightning.data.transforms.regions import RegionPairTransform, region_b_positions, sample_crop
-from pedlightning.models.ema import ema_update_, make_teacher, momentum_at
+from pedlightning.models.momentum import MomentumEncoder, ema_update_, momentum_at
+from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.mae_decoder import LearnedPosEmbed2d, RegionDecoder, grid_positions, sincos_pos_embed_2d
 from pedlightning.models.masking import MaskGenerator, block_mask, forward_visible, num_masked_patches, \
     visible_indices
@@ -30,7 +31,7 @@ def one_thread():
 
 
 GRID = (16, 8)  # 256 x 128 input, 16-pixel patches
-TINY = dict(backbone="vit_tiny_test", img_size=(32, 16), backbone_kwargs={"patch_size": 4}, drop_path_rate=0.0,
+TINY = dict(encoder=ImageEncoderConfig("vit_tiny_test", (32, 16), drop_path_rate=0.0, model_kwargs={"patch_size": 4}),
             decoder_dim=32, decoder_depth=1, decoder_heads=2, min_block_patches=4)
 
 
@@ -271,7 +272,7 @@ def test_ema_update_math():
     with torch.no_grad():
         student.weight.fill_(3.0)
         student.bias.fill_(-1.0)
-    teacher = make_teacher(student)
+    teacher = MomentumEncoder(student).module
     assert not any(p.requires_grad for p in teacher.parameters())
     with torch.no_grad():
         teacher.weight.fill_(1.0)

@@ -7,6 +7,7 @@ import torch
 from pedlightning.callbacks import FeatureWriter
 from pedlightning.data.datamodules import ReIDDataModule
 from pedlightning.errors import ConfigError
+from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.tasks import ReIDModule
 
 
@@ -22,7 +23,7 @@ def _trainer(tmp_path, **kw):
 
 def test_overfitting_one_batch_reduces_id_and_triplet_loss(tmp_path, synthetic_market):
     data = _data(synthetic_market, erasing_prob=0.0, flip_prob=0.0, padding=0)
-    model = ReIDModule("vit_tiny_test", (64, 32), triplet_margin=0.3,
+    model = ReIDModule(ImageEncoderConfig("vit_tiny_test", (64, 32)), triplet_margin=0.3,
                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
     losses = []
 
@@ -39,7 +40,7 @@ def test_overfitting_one_batch_reduces_id_and_triplet_loss(tmp_path, synthetic_m
 
 
 def test_flip_test_averages_image_and_mirror():
-    model = ReIDModule("vit_tiny_test", (64, 32), num_classes=4, flip_test=True).eval()
+    model = ReIDModule(ImageEncoderConfig("vit_tiny_test", (64, 32)), num_classes=4, flip_test=True).eval()
     x = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         expected = (model.encoder(x) + model.encoder(x.flip(-1))) / 2
@@ -48,21 +49,21 @@ def test_flip_test_averages_image_and_mirror():
 
 
 def test_neck_feat_after_uses_bnneck():
-    model = ReIDModule("vit_tiny_test", (64, 32), num_classes=4, neck_feat="after").eval()
+    model = ReIDModule(ImageEncoderConfig("vit_tiny_test", (64, 32)), num_classes=4, neck_feat="after").eval()
     x = torch.randn(3, 3, 64, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model.head.bn(model.encoder(x)))
 
 
 def test_num_classes_mismatch_is_a_config_error(tmp_path, synthetic_market):
-    model = ReIDModule("vit_tiny_test", (64, 32), num_classes=99)
-    with pytest.raises(ConfigError, match="num_classes=99 but the training set has 16"):
+    model = ReIDModule(ImageEncoderConfig("vit_tiny_test", (64, 32)), num_classes=99)
+    with pytest.raises(ConfigError, match=r"num_classes=99 but the data \(market1501 at .*\) has num_classes=16"):
         _trainer(tmp_path, fast_dev_run=True).fit(model, _data(synthetic_market))
 
 
 def test_predict_writes_features_labels_and_paths(tmp_path, synthetic_market):
     data = _data(synthetic_market)
-    model = ReIDModule("vit_tiny_test", (64, 32), num_classes=16)
+    model = ReIDModule(ImageEncoderConfig("vit_tiny_test", (64, 32)), num_classes=16)
     _trainer(tmp_path, callbacks=[FeatureWriter("feats")]).predict(model, data, return_predictions=False)
     query = torch.load(tmp_path / "feats" / "query.pt", weights_only=True)
     gallery = torch.load(tmp_path / "feats" / "gallery.pt", weights_only=True)
@@ -73,4 +74,4 @@ def test_predict_writes_features_labels_and_paths(tmp_path, synthetic_market):
     assert gallery["camid"].tolist() == [r.camid for r in data.source.gallery]
     assert gallery["path"] == [r.path for r in data.source.gallery]
     with torch.no_grad():
-        torch.testing.assert_close(query["features"][:1], model.eval()(data.test_dataloader()[0].dataset[0]["image"][None]))
+        torch.testing.assert_close(query["features"][:1], model.eval()(data.test_dataloader().dataset.parts[0][0]["image"][None]))

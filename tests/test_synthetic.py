@@ -507,3 +507,58 @@ def test_luperson_shards_read_by_webdataset(tmp_path):
     samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
     assert len(samples) == 7
     assert all({"__key__", "jpg", "json"} <= set(s) for s in samples)
+
+
+# ---------------------------------------------------------------- partial captions (LCR²S)
+_FACTS = {"upper": r"\b(t-shirt|shirt|top|sweater|jacket|coat)\b", "lower": r"\b(trousers|pants|shorts|skirt|dress)\b",
+          "shoes": r"\b(shoes|sneakers|boots)\b", "hat": r"\b(hat|cap)\b", "glasses": r"\bglasses\b",
+          "hair": r"\b(hair|bald)\b", "bag": r"\b(backpack|bag|handbag)\b", "held": r"(something in front|an object)",
+          "view": r"\b(camera|behind|side)\b"}
+
+
+def _facts(caption: str) -> set[str]:
+    """The facts a caption names, by the nouns of its clauses (each clause carries its colour)."""
+    return {f for f, pattern in _FACTS.items() if re.search(pattern, caption.lower())}
+
+
+def test_partial_captions_name_a_subset_and_the_identity_tells_more(tmp_path):
+    from pedlightning.data.datamodules import TextReIDDataModule
+    from pedlightning.data.sources import build_text_source
+
+    tiny = dict(size=list(SIZE), num_train_ids=12, num_val_ids=1, num_test_ids=1, images_per_id=3)
+    facts = {}
+    for prob in (1.0, 0.5):
+        root = str(tmp_path / f"cuhk{prob}")
+        TextReIDDataModule("cuhk_pedes", root, synthesize=True, synthetic=tiny | {"mention_prob": prob}).prepare_data()
+        per_id = defaultdict(list)
+        for record in build_text_source("cuhk_pedes", root).train:
+            per_id[record.pid] += [_facts(c) for c in record.captions]
+        facts[prob] = per_id
+    full, partial = facts[1.0], facts[0.5]
+    assert all(len(v) == 6 for v in partial.values())  # 3 images x 2 captions
+    covered = 0
+    for pid, captions in partial.items():
+        identity = set().union(*full[pid])  # what the identity's full captions tell
+        assert all(c <= identity for c in captions)  # partial captions leave facts out, never invent any
+        covered += set().union(*captions) == identity
+    assert covered == 10  # together, the 6 partial captions of 10 of the 12 identities tell everything
+    single = [len(c) for v in partial.values() for c in v]
+    assert sum(single) / len(single) < 0.6 * sum(len(c) for v in full.values() for c in v) / len(single)
+    # The support-set premise: for 10 of the 12 identities every single caption names fewer facts than
+    # their captions together.
+    richer = sum(max(len(c) for c in v) < len(set().union(*v)) for v in partial.values())
+    assert richer == 10
+    with pytest.raises(ConfigError, match="mention_prob"):
+        describe(make_identity(0, 0), dict(make_identity(0, 0).attributes) | {"Front": 1, "Side": 0, "Back": 0},
+                 0, mention_prob=0)
+
+
+@pytest.mark.parametrize("name", ["icfg_pedes", "rstpreid"])
+def test_partial_captions_in_the_other_text_writers(tmp_path, name):
+    tiny = dict(TINY[name], size=SIZE)
+    full = SYNTHETIC_WRITERS[name](str(tmp_path / "full"), **tiny)
+    part = SYNTHETIC_WRITERS[name](str(tmp_path / "part"), mention_prob=0.3, **tiny)
+    json_name = {"icfg_pedes": "ICFG-PEDES.json", "rstpreid": "data_captions.json"}[name]
+    read = [json.load(open(os.path.join(r, json_name), encoding="utf-8")) for r in (full, part)]
+    count = [sum(len(_facts(c)) for rec in recs for c in rec["captions"]) for recs in read]
+    assert [len(recs) for recs in read] == [len(read[0])] * 2 and count[1] < 0.6 * count[0]

@@ -18,7 +18,9 @@ from pedlightning.data.synthetic import write_cuhk_pedes, write_icfg_pedes
 from pedlightning.data.transforms import build_test_transform
 from pedlightning.errors import ConfigError
 from pedlightning.metrics import retrieval_evaluate
-from pedlightning.models.text import CLIP_PRESETS, ClipDualEncoder, tokenizer
+from pedlightning.data.tokenizer import build_tokenizer
+from pedlightning.models.encoders import ImageEncoderConfig
+from pedlightning.models.text import CLIP_PRESETS, TextEncoderConfig, build_clip
 from pedlightning.tasks.text_reid import TextReIDModule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,9 +45,11 @@ def _data(root, dataset="cuhk_pedes", **kw):
     return TextReIDDataModule(dataset, root, **kw)
 
 
-def _model(lr=1e-3, **kw):
-    return TextReIDModule("clip_tiny_test", SIZE, optimizer=lambda p: torch.optim.Adam(p, lr=lr), warmup_epochs=0.0,
-                          **kw)
+def _model(lr=1e-3, image="open_clip:clip_tiny_test", size=SIZE, pretrained=None, **kw):
+    drop_path = 0.0 if image.startswith("open_clip:") else 0.1  # CLIP towers never had drop-path; timm's default
+    return TextReIDModule(ImageEncoderConfig(image, size, drop_path_rate=drop_path, pretrained=pretrained),
+                          TextEncoderConfig("clip_tiny_test", pretrained=pretrained),
+                          optimizer=lambda p: torch.optim.Adam(p, lr=lr), warmup_epochs=0.0, **kw)
 
 
 def _trainer(tmp_path, **kw):
@@ -57,7 +61,7 @@ def _trainer(tmp_path, **kw):
 def test_caption_datasets_have_one_item_per_caption(cuhk):
     data = _data(cuhk)
     data.setup("fit")
-    records, tok, transform = data.source.train, tokenizer("clip_tiny_test", 77), build_test_transform(SIZE)
+    records, tok, transform = data.source.train, build_tokenizer("clip_tiny_test", 77), build_test_transform(SIZE)
     pairs = ImageCaptionDataset(records, tok, transform)
     assert len(pairs) == sum(len(r.captions) for r in records) == 32
     images = RecordDataset(records, transform)
@@ -85,9 +89,9 @@ def test_each_loss_alone_falls_when_overfitting_one_batch(tmp_path, cuhk, loss, 
 
 def test_all_losses_with_a_timm_image_tower(tmp_path, cuhk):
     L.seed_everything(0)
-    model = _model(image_backbone="resnet_tiny_test", itc_weight=1.0)
-    assert not any(k.startswith("clip.clip.visual.") for k in model.state_dict())
-    assert model.encode_image(torch.randn(2, 3, *SIZE)).shape == (2, model.clip.embed_dim)
+    model = _model(image="resnet_tiny_test", itc_weight=1.0)
+    assert not any("class_embedding" in k for k in model.state_dict())  # no CLIP visual tower is built
+    assert model.encode_image(torch.randn(2, 3, *SIZE)).shape == (2, model.embed_dim)
     first, last = _overfit_one_batch(tmp_path, cuhk, model)
     assert first["train/loss"] == pytest.approx(sum(first[f"train/{k}_loss"] for k in ("sdm", "id", "itc")), rel=1e-5)
     assert last["train/loss"] < 0.5 * first["train/loss"], (first, last)
@@ -110,16 +114,17 @@ def _overfit_one_batch(tmp_path, root, model) -> tuple[dict[str, float], dict[st
 
 
 def test_local_clip_checkpoint_loads_with_resized_position_embeddings(tmp_path):
-    source = ClipDualEncoder("clip_tiny_test", (224, 224))
+    source, _ = build_clip("clip_tiny_test", (224, 224))
     path = tmp_path / "open_clip_tiny.pt"
-    torch.save(source.clip.state_dict(), path)
+    torch.save(source.state_dict(), path)
     model = _model(pretrained=str(path), num_classes=8)
-    torch.testing.assert_close(model.clip.clip.token_embedding.weight, source.clip.token_embedding.weight)
-    torch.testing.assert_close(model.clip.clip.visual.conv1.weight, source.clip.visual.conv1.weight)
+    torch.testing.assert_close(model.text_encoder.model.token_embedding.weight, source.token_embedding.weight)
+    torch.testing.assert_close(model.image_encoder.model.conv1.weight, source.visual.conv1.weight)
     # 14x14 patch grid (+ CLS) resized to the 4x2 grid of 64x32 images.
-    assert model.clip.clip.visual.positional_embedding.shape == (1 + 4 * 2, 64)
-    report = model.clip.pretrained_report
-    assert report.resized == ["visual.positional_embedding"] and not report.missing and not report.unexpected
+    assert model.image_encoder.model.positional_embedding.shape == (1 + 4 * 2, 64)
+    image_report, text_report = model.image_encoder.pretrained_report, model.text_encoder.pretrained_report
+    assert image_report.resized == ["visual.positional_embedding"]
+    assert not image_report.missing and not text_report.missing and not image_report.unexpected
 
 
 def test_identity_batches_hold_k_captions_of_each_identity(cuhk):
@@ -167,12 +172,12 @@ def test_icfg_has_no_val_split(tmp_path, icfg):
     test_selected = _data(icfg, "icfg_pedes", model_selection="test")
     with pytest.warns(UserWarning, match="TEST SPLIT"):
         test_selected.setup("fit")
-    assert test_selected.val_dataloader()[1].dataset.records == test_selected.source.test
+    assert test_selected.val_dataloader().dataset.parts[1].records == test_selected.source.test
 
 
 def test_mismatched_image_size_is_a_config_error(tmp_path, cuhk):
-    model = TextReIDModule("clip_tiny_test", (128, 64), num_classes=8)
-    with pytest.raises(ConfigError, match=r"model.img_size=\(128, 64\) but data.img_size=\(64, 32\)"):
+    model = _model(size=(128, 64), num_classes=8)
+    with pytest.raises(ConfigError, match=r"model has img_size=\[128, 64\] but the data .* has img_size=\[64, 32\]"):
         _trainer(tmp_path, fast_dev_run=True).fit(model, _data(cuhk))
 
 
@@ -223,9 +228,9 @@ def test_ranklist_inputs_are_captions_and_gallery_paths_in_dataset_order(tmp_pat
     assert inputs.query_is_text and inputs.query_camids is None
     assert inputs.query_items == [c for r in data.source.test for c in r.captions]
     assert inputs.gallery_paths == [r.path for r in data.source.test]
-    assert inputs.query_feats.shape == (20, model.clip.embed_dim) and inputs.gallery_feats.shape[0] == 10
+    assert inputs.query_feats.shape == (20, model.embed_dim) and inputs.gallery_feats.shape[0] == 10
     with torch.no_grad():
-        first = model.encode_text(data.test_dataloader()[0].dataset[0]["tokens"][None])
+        first = model.encode_text(data.test_dataloader().dataset.parts[0][0]["tokens"][None])
     torch.testing.assert_close(inputs.query_feats[:1], first.float())
 
 
@@ -237,15 +242,16 @@ def test_config_is_consistent(config, capsys):
     assert exit_info.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
     model, data = resolved["model"]["init_args"], resolved["data"]["init_args"]
-    assert model["img_size"] == data["img_size"] and model["context_length"] == data["context_length"]
+    image, text = model["image_encoder"], model["text_encoder"]
+    assert image["img_size"] == data["img_size"] and text["context_length"] == data["context_length"]
     def tokenizer_of(name):
         return CLIP_PRESETS[name][1] if name in CLIP_PRESETS else name
 
-    assert tokenizer_of(data["tokenizer"]) == tokenizer_of(model["clip_model"])
+    assert tokenizer_of(data["tokenizer"]) == tokenizer_of(text["name"])
     assert resolved["checkpoint"]["monitor"] == "val/rank1"
     # ICFG-PEDES has no val split: its config must select on test, the others on val.
     assert data["model_selection"] == ("test" if data["dataset"] == "icfg_pedes" else "val")
     if "demo" not in config:
         assert model["logit_scale"] == 50.0 and model["sdm_weight"] == 1.0 and model["id_weight"] == 1.0
-        assert tuple(model["img_size"]) == (384, 128) and data["batch_size"] == 64
+        assert tuple(image["img_size"]) == (384, 128) and data["batch_size"] == 64
         assert resolved["trainer"]["max_epochs"] == 60 and model["warmup_epochs"] == 5

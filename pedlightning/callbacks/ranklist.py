@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-
-@dataclass
-class RankListInputs:
-    """What a task hands to :class:`RankListCallback` after a test run (features in dataset order)."""
-
-    query_feats: torch.Tensor
-    gallery_feats: torch.Tensor
-    query_pids: torch.Tensor
-    gallery_pids: torch.Tensor
-    query_camids: torch.Tensor | None
-    gallery_camids: torch.Tensor | None
-    query_items: list[str]
-    gallery_paths: list[str]
-    query_is_text: bool = False
+from pedlightning.metrics.records import RankListInputs
 
 
 class RankListCallback(L.Callback):

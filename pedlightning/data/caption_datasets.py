@@ -11,9 +11,18 @@ from torch.utils.data import Dataset
 
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.records import CaptionedImage
+from pedlightning.data.tokenizer import Tokenize
 from pedlightning.errors import ConfigError
 
-Tokenizer = Callable[[list[str]], torch.Tensor]
+
+def flatten_captions(records: Sequence[CaptionedImage]) -> tuple[list[str], list[int]]:
+    """Every caption of ``records`` in record order, and the position of each caption's image in ``records``.
+
+    This order numbers the text queries of an evaluation (``CaptionDataset``'s ``index``, ``DataSpec.eval_items``).
+    """
+    captions = [c for r in records for c in r.captions]
+    image_indices = [i for i, r in enumerate(records) for _ in r.captions]
+    return captions, image_indices
 
 
 class CaptionDataset(Dataset):
@@ -26,14 +35,13 @@ class CaptionDataset(Dataset):
 
     Args:
         records: the split's images with their captions.
-        tokenizer: maps a list of strings to a LongTensor ``(N, context_length)`` (an open_clip tokenizer).
+        tokenizer: maps a list of strings to a LongTensor ``(N, context_length)`` (:func:`pedlightning.data.tokenizer.build_tokenizer`).
     """
 
-    def __init__(self, records: Sequence[CaptionedImage], tokenizer: Tokenizer):
+    def __init__(self, records: Sequence[CaptionedImage], tokenizer: Tokenize):
         self.records = list(records)
         self.tokenizer = tokenizer
-        self.image_indices = [i for i, r in enumerate(self.records) for _ in r.captions]
-        self.captions = [c for r in self.records for c in r.captions]
+        self.captions, self.image_indices = flatten_captions(self.records)
         self.pids = [self.records[i].pid for i in self.image_indices]
 
     def __len__(self) -> int:
@@ -58,7 +66,7 @@ class ImageCaptionDataset(CaptionDataset):
     CUHK-PEDES baseline since Li et al. 2017, train on one sample per caption).
     """
 
-    def __init__(self, records: Sequence[CaptionedImage], tokenizer: Tokenizer,
+    def __init__(self, records: Sequence[CaptionedImage], tokenizer: Tokenize,
                  transform: Callable[[Image.Image], Any] | None = None):
         super().__init__(records, tokenizer)
         self.images = RecordDataset(self.records, transform)

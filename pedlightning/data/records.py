@@ -33,3 +33,39 @@ class CaptionedImage:
     path: str
     pid: int
     captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PersonAnnotation:
+    """The text and attribute annotation of one LUPerson-TA image (the ``<key>.json`` member of its shard).
+
+    ``captions`` is empty when the image has no caption; ``attributes`` is ``None`` when it is not labelled
+    (never a vector of zeros: an unlabelled attribute is not a negative one). Attribute values are 0/1 in the
+    order of the dataset's attribute names (PA-100K's by default, ``data.sources.attributes``).
+    """
+
+    captions: tuple[str, ...] = ()
+    attributes: tuple[int, ...] | None = None
+
+    @property
+    def has_captions(self) -> bool:
+        return bool(self.captions)
+
+    @property
+    def has_attributes(self) -> bool:
+        return self.attributes is not None
+
+
+@dataclass(frozen=True)
+class PersonSample:
+    """What a per-sample transform of unlabeled / LUPerson-TA data receives.
+
+    ``image`` is the decoded RGB image (PIL), ``key`` its shard key (or file index), ``annotation`` its
+    LUPerson-TA annotation (empty for plain LUPerson), ``epoch`` the training epoch (for draws that must be
+    deterministic per epoch, such as which caption a sample shows).
+    """
+
+    image: object
+    key: str
+    annotation: PersonAnnotation = PersonAnnotation()
+    epoch: int = 0

@@ -1,4 +1,4 @@
-"""WebDataset shards of unlabeled images: writing them, and streaming them correctly under DDP.
+"""WebDataset shards of person images (LUPerson, LUPerson-TA): writing them, and streaming them correctly under DDP.
 
 Writing: :func:`write_shards` packs image files into ``shard-000000.tar`` ... (original bytes, no re-encoding)
 plus a ``shards.json`` manifest with the sample count of every shard.
@@ -20,7 +20,7 @@ Reading (:class:`ShardStream` + :class:`EpochLoader`), with the pitfalls of NOTE
 - Rank and world size are captured in ``setup`` (not read in the worker, where the process group of a
   spawned process is invisible). The epoch lives in shared memory, so persistent workers see each new one.
 
-Unreadable shards and images are counted (``ErrorCounter``, shared by all workers of a rank) and logged with
+Unreadable shards, images and LUPerson-TA annotations are counted (``ErrorCounter``, shared by all workers of a rank) and logged with
 their shard and key; ``on_error="fail"`` raises a :class:`DatasetLayoutError` naming them instead.
 """
 
@@ -45,7 +45,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pedlightning.data.records import PersonAnnotation, PersonSample
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.sources.base import IMAGE_EXTENSIONS
+from pedlightning.data.sources.luperson import parse_annotation
+from pedlightning.data.transforms.samples import SampleTransform, as_sample_transform
 from pedlightning.errors import ConfigError, DatasetLayoutError
 
 log = logging.getLogger(__name__)
@@ -257,25 +261,33 @@ def _seed(*parts: object) -> str:
 
 
 class ShardStream(IterableDataset):
-    """Samples of WebDataset shards, decoded and transformed: ``transform(image)`` (a dict) plus ``key``.
+    """Samples of WebDataset shards, decoded and transformed: ``transform(sample)`` (a dict) plus ``key``.
+
+    Each sample reaches the transform as a :class:`~pedlightning.data.records.PersonSample`: the image, the key,
+    the epoch and, for a transform that ``uses_annotations``, the LUPerson-TA annotation parsed from the
+    ``<key>.json`` member (an empty annotation when the sample has none). An unreadable annotation is counted
+    like an unreadable image.
 
     Args:
         shards: tar files (local paths or URLs WebDataset can open).
-        transform: PIL image -> dict of tensors.
+        transform: a :class:`~pedlightning.data.transforms.samples.SampleTransform`, or a PIL image -> dict function.
         mode: ``split`` (each sample once per epoch) or ``resampled`` (shards drawn with replacement).
         shuffle_buffer: samples shuffled in a buffer of this size within each worker (1 = no shuffling).
         seed: shared by all ranks; the shard order depends on (seed, epoch), sample shuffling also on rank/worker.
         rank, world_size: this process's place in the job (from the trainer, at setup time).
         errors: counter and policy for unreadable shards and images.
+        attribute_names: the order of the annotation's attribute vector (PA-100K's by default).
     """
 
-    def __init__(self, shards: Sequence[str], transform: Callable[[Image.Image], dict[str, Any]],
+    def __init__(self, shards: Sequence[str], transform: SampleTransform | Callable[[Image.Image], dict[str, Any]],
                  mode: ShardSampling = "split", shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, errors: ErrorCounter | None = None):
+                 world_size: int = 1, errors: ErrorCounter | None = None,
+                 attribute_names: Sequence[str] = PA100K_ATTRIBUTES):
         if mode not in ("split", "resampled"):
             raise ConfigError(f"shard_sampling must be 'split' or 'resampled', got {mode!r}")
         self.shards = list(shards)
-        self.transform = transform
+        self.transform = as_sample_transform(transform)
+        self.attribute_names = tuple(attribute_names)
         self.mode = mode
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -324,7 +336,14 @@ class ShardStream(IterableDataset):
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
                 self.errors.record(f"image {key}.{ext} in {url}", f"{type(err).__name__}: {err}")
                 continue
-            yield {**self.transform(image), "key": key}
+            annotation = PersonAnnotation()
+            if self.transform.uses_annotations and "json" in sample:
+                try:
+                    annotation = parse_annotation(sample["json"], self.attribute_names, f"{url}: {key}.json")
+                except DatasetLayoutError as err:
+                    self.errors.record("annotation", str(err).splitlines()[0])  # names the shard and key
+                    continue
+            yield {**self.transform(PersonSample(image, key, annotation, self.epoch)), "key": key}
 
 
 class _EpochToDataset:

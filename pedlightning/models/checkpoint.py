@@ -28,6 +28,8 @@ __all__ = [
     "LoadReport",
     "PosEmbedSpec",
     "apply_state_dict",
+    "clip_visual_prefix",
+    "find_prefix",
     "infer_source_grid",
     "is_torchscript",
     "load_pretrained",
@@ -44,9 +46,13 @@ _CONTAINER_KEYS = ("state_dict", "model")
 _WRAPPER_PREFIX = "module."
 _COMPILE_SEGMENT = "_orig_mod."
 # Prefixes preferred, in this order, when several prefixes match equally many keys. Our task modules keep the
-# image encoder at `encoder` (an ImageEncoder, whose timm model is `.model`); a PersonMAE checkpoint also holds a
-# momentum `teacher.model.` with the same keys, which must lose the tie to the student.
-_KNOWN_PREFIXES = ("", "encoder.model.", "model.", "encoder.", "backbone.", "visual.trunk.")
+# image encoder (an ImageEncoder, whose timm / open_clip model is `.model`) at `encoder` (reID, attributes,
+# PersonMAE, VAL-PAT) or `image_encoder` (text search, LCR2S), and a TextEncoder at `text_encoder`; momentum copies
+# (`teacher.module.model.`, a MoCo key encoder) hold the same keys and must lose the tie to the trained encoder.
+_KNOWN_PREFIXES = (
+    "", "encoder.model.", "image_encoder.model.", "text_encoder.model.", "visual.", "model.", "encoder.",
+    "backbone.", "visual.trunk.",
+)
 # A model's position-embedding layout: (token grid (h, w), number of leading prefix positions (CLS) outside it).
 PosEmbedSpec = tuple[tuple[int, int], int]
 
@@ -156,7 +162,7 @@ def select_prefix(keys: list[str], model_keys: set[str]) -> str:
 
     Every dot-boundary split of every checkpoint key whose tail is a model key votes for its head; the prefix
     with most votes wins, ties broken by `_KNOWN_PREFIXES` order (so a student `encoder.model.` beats a momentum
-    `teacher.model.`), then by length. Returns "" when nothing matches.
+    `teacher.module.model.`), then by length. Returns "" when nothing matches.
     """
     votes: Counter[str] = Counter()
     for key in keys:
@@ -167,11 +173,30 @@ def select_prefix(keys: list[str], model_keys: set[str]) -> str:
     if not votes:
         return ""
 
-    def rank(prefix: str) -> tuple[int, int, int]:
-        known = _KNOWN_PREFIXES.index(prefix) if prefix in _KNOWN_PREFIXES else len(_KNOWN_PREFIXES)
-        return -votes[prefix], known, len(prefix)
+    return min(votes, key=lambda prefix: (-votes[prefix], *_preference(prefix)))
 
-    return min(votes, key=rank)
+
+def _preference(prefix: str) -> tuple[int, int]:
+    known = _KNOWN_PREFIXES.index(prefix) if prefix in _KNOWN_PREFIXES else len(_KNOWN_PREFIXES)
+    return known, len(prefix)
+
+
+def find_prefix(keys: list[str], marker: str, companion: str | None = None) -> str | None:
+    """The prefix of the sub-model that owns the key `marker` (e.g. `token_embedding.weight`), or None.
+
+    Candidates are the heads of keys `<head>marker` (cut at a dot boundary) that also hold `<head>companion`
+    when given. Several candidates (a trained tower and its momentum copy) are ranked as in `select_prefix`.
+    """
+    present = set(keys)
+    heads = [k[: -len(marker)] for k in keys if k == marker or k.endswith("." + marker)]
+    heads = [h for h in heads if companion is None or h + companion in present]
+    return min(heads, key=_preference) if heads else None
+
+
+def clip_visual_prefix(keys: list[str]) -> str | None:
+    """The prefix of an open_clip / OpenAI CLIP ViT visual tower (`visual.` in a CLIP state dict,
+    `image_encoder.model.` in a text-search checkpoint), found by its `class_embedding` and `conv1`; else None."""
+    return find_prefix(keys, "class_embedding", companion="conv1.weight")
 
 
 def infer_source_grid(num_tokens: int, target_grid: tuple[int, int]) -> tuple[int, int]:
@@ -275,15 +300,16 @@ def load_pretrained(
     """Load a checkpoint file into a timm model (`ImageEncoder.model`) and report every key.
 
     Layouts: a plain timm state dict; MAE's `{"model": ...}`; a Lightning checkpoint of our modules
-    (`encoder.model.<timm key>`; a PersonMAE momentum `teacher.` and decoder are ignored); DDP `module.`;
-    open_clip / OpenAI CLIP visual towers (`visual.*`, converted by timm's own ViT `checkpoint_filter_fn`;
-    build the model as a timm CLIP ViT, e.g. `vit_base_patch16_clip_224`, for a key-for-key match).
+    (`encoder.model.<timm key>` or `image_encoder.model.<timm key>`; momentum copies, decoders, heads and text
+    towers are ignored); DDP `module.`; open_clip / OpenAI CLIP visual towers (`visual.*`, or an open_clip
+    ImageEncoder's `image_encoder.model.*`, converted by timm's own ViT `checkpoint_filter_fn`; build the model as
+    a timm CLIP ViT, e.g. `vit_base_patch16_clip_224`, for a key-for-key match).
     `prefix` overrides the auto-detected sub-model prefix. Position embeddings are resized to the model's token
     grid (rectangular or overlapping-stride); see `infer_source_grid` for how the source grid is found.
     """
     state = read_state_dict(path)
     model_keys = set(model.state_dict())
-    clip_prefix = _clip_visual_prefix(state) if prefix is None else None
+    clip_prefix = clip_visual_prefix(list(state)) if prefix is None else None
     if clip_prefix is not None:
         selected, ignored = _convert_clip_visual(state, clip_prefix, model, path)
         prefix = clip_prefix
@@ -310,14 +336,6 @@ def _timm_pos_embeds(model: nn.Module) -> dict[str, PosEmbedSpec]:
         return {}
     num_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
     return {"pos_embed": (tuple(model.patch_embed.grid_size), num_prefix)}
-
-
-def _clip_visual_prefix(state: Mapping[str, Tensor]) -> str | None:
-    """`<head>visual.` when the state dict holds an OpenAI / open_clip ViT visual tower, else None."""
-    for key in state:
-        if key.endswith("visual.class_embedding"):
-            return key[: -len("class_embedding")]
-    return None
 
 
 def _convert_clip_visual(

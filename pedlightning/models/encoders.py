@@ -1,25 +1,78 @@
-"""The image encoder every task shares: a timm ViT or CNN that maps images to one feature vector."""
+"""The image encoder every task shares: a timm ViT or CNN, or CLIP's visual tower, mapping images to one vector."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import timm
 import torch
-from timm.layers import PatchEmbed, to_2tuple
+from timm.layers import DropPath, PatchEmbed, to_2tuple
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from pedlightning.errors import ConfigError
 from pedlightning.models.checkpoint import LoadReport, load_pretrained
 
-__all__ = ["ImageEncoder", "OverlappingPatchEmbed", "PRESETS"]
+__all__ = ["ImageEncoder", "ImageEncoderConfig", "OPEN_CLIP_PREFIX", "OverlappingPatchEmbed", "PRESETS",
+           "config_from"]
+
+#: Encoder names starting with this build CLIP's visual tower from open_clip: `open_clip:ViT-B-16`.
+OPEN_CLIP_PREFIX = "open_clip:"
 
 # Tiny models for tests and demos: name -> (timm model name, timm kwargs).
 PRESETS: dict[str, tuple[str, dict]] = {
     "vit_tiny_test": ("vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2)),
     "resnet_tiny_test": ("resnet10t", dict(channels=(16, 32, 64, 128), stem_width=8)),
 }
+
+
+@dataclass
+class ImageEncoderConfig:
+    """How to build an :class:`ImageEncoder`: one name for each knob, used by every task and by `export-encoder`.
+
+    The fields are `ImageEncoder`'s arguments (documented there); tasks store it as a plain dict in their
+    hyper-parameters, and :meth:`ImageEncoder.from_config` accepts either form.
+    """
+
+    name: str = "vit_base_patch16_224"
+    img_size: tuple[int, int] = (256, 128)
+    stride_size: int | None = None
+    drop_path_rate: float = 0.1
+    last_stride: int = 1
+    pretrained: str | None = None
+    model_kwargs: dict | None = None
+
+    def __post_init__(self) -> None:
+        size = tuple(self.img_size) if isinstance(self.img_size, (list, tuple)) else ()
+        if len(size) != 2:
+            raise ConfigError(f"img_size must be (height, width), got {self.img_size!r}")
+        self.img_size = (int(size[0]), int(size[1]))
+
+
+_Config = TypeVar("_Config")
+
+
+def config_from(cls: type[_Config], cfg: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fields of dataclass `cls` given as an instance or a dict (checkpoints store dicts), `overrides` on top.
+
+    Unknown keys raise a `ConfigError` naming them and the valid fields.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    if isinstance(cfg, cls):
+        values = {name: getattr(cfg, name) for name in names}
+    elif isinstance(cfg, Mapping):
+        values = dict(cfg)
+    else:
+        raise ConfigError(f"expected a {cls.__name__} or a dict of its fields, got {type(cfg).__name__}")
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; the fields are {names}")
+    return dataclasses.asdict(cls(**values))
 
 
 class OverlappingPatchEmbed(PatchEmbed):
@@ -51,24 +104,32 @@ class OverlappingPatchEmbed(PatchEmbed):
 
 
 class ImageEncoder(nn.Module):
-    """A timm backbone returning one feature per image: the CLS token for ViTs, the pooled map for CNNs.
+    """One feature per image: the CLS token of a timm ViT, the pooled map of a timm CNN, or CLIP's image embedding.
 
     Args:
         name: timm model name (e.g. `vit_base_patch16_224`, `resnet50`, or a CLIP-layout
-            `vit_base_patch16_clip_224` for CLIP weights) or a tiny preset (`vit_tiny_test`, `resnet_tiny_test`).
+            `vit_base_patch16_clip_224` for CLIP weights), a tiny preset (`vit_tiny_test`, `resnet_tiny_test`), or
+            `open_clip:<config or preset>` (`open_clip:ViT-B-16`, `open_clip:clip_tiny_test`): CLIP's ViT visual
+            tower (Radford et al. 2021) from open_clip, whose output is the projected image embedding of
+            `CLIP.encode_image` (the CLS token after `ln_post`, times `proj`).
         img_size: input (H, W); ViT position embeddings are sized for it. Default 256x128, the reID standard.
         stride_size: ViT patch stride; below the patch size it gives TransReID's overlapping patches (12).
             None = non-overlapping patches.
-        drop_path_rate: stochastic depth. 0.1 follows TransReID's ViT-B recipe.
+        drop_path_rate: stochastic depth (Huang et al. 2016), rising linearly over the blocks to this rate, as timm
+            does. 0.1 follows TransReID's ViT-B recipe. open_clip's towers have none of their own; here it drops
+            each residual branch after its layer scale (Assumption: timm's placement; CLIP and IRRA train with 0).
         last_stride: stride of a ResNet's last stage. 1 is the "Bag of Tricks" (Luo et al. 2019) / fast-reid
             choice, doubling the final map (16x8 at 256x128); 2 keeps the ImageNet network. Ignored by ViTs.
         pretrained: path of a local checkpoint (timm, MAE, open_clip/OpenAI CLIP visual, or our Lightning
             checkpoints); see `pedlightning.models.checkpoint.load_pretrained`. The report is logged and kept in
             `pretrained_report`.
-        model_kwargs: extra timm keyword arguments; they override the preset's.
+        model_kwargs: extra timm keyword arguments; they override the preset's. For `open_clip:` names, an
+            open_clip model config dict (embed_dim, vision_cfg, ...) that replaces the named one.
 
-    Attributes: `model` (the timm model; state-dict keys are `model.<timm key>`), `embed_dim`, `is_vit`,
-    `patch_grid` (ViT token grid (h, w), else None), `num_prefix_tokens` (CLS/register tokens, 0 for CNNs).
+    Attributes: `model` (the timm model or open_clip `VisionTransformer`; state-dict keys are `model.<its key>`),
+    `embed_dim` (for open_clip the projection width), `is_vit` (a timm ViT: `forward_tokens`,
+    `model.patch_embed`), `is_open_clip`, `patch_grid` (ViT token grid (h, w), else None), `num_prefix_tokens`
+    (CLS/register tokens, 0 for CNNs), `pretrained_report`.
     """
 
     def __init__(
@@ -82,6 +143,12 @@ class ImageEncoder(nn.Module):
         model_kwargs: dict | None = None,
     ):
         super().__init__()
+        self.is_open_clip = name.startswith(OPEN_CLIP_PREFIX)
+        self.pretrained_report: LoadReport | None = None
+        if self.is_open_clip:
+            self._build_open_clip(name[len(OPEN_CLIP_PREFIX):], img_size, stride_size, drop_path_rate, pretrained,
+                                  model_kwargs)
+            return
         timm_name, kwargs = PRESETS.get(name, (name, {}))
         kwargs = {**kwargs, **(model_kwargs or {})}
         self.is_vit = issubclass(_model_class(timm_name), VisionTransformer)
@@ -99,19 +166,68 @@ class ImageEncoder(nn.Module):
         self.embed_dim: int = self.model.num_features
         self.patch_grid: tuple[int, int] | None = tuple(self.model.patch_embed.grid_size) if self.is_vit else None
         self.num_prefix_tokens: int = self.model.num_prefix_tokens if self.is_vit else 0
-        self.pretrained_report: LoadReport | None = None
         if pretrained:
             self.pretrained_report = load_pretrained(self.model, pretrained)
 
+    def _build_open_clip(self, config: str, img_size: tuple[int, int], stride_size: int | None,
+                         drop_path_rate: float, pretrained: str | None, model_cfg: dict | None) -> None:
+        from pedlightning.models.text import build_visual_tower, load_clip_pretrained  # open_clip imports slowly
+
+        if stride_size is not None:
+            raise ConfigError(f"stride_size applies to timm ViTs only, not to the open_clip tower {config!r}")
+        self.model = build_visual_tower(config, tuple(img_size), model_cfg)
+        _add_stochastic_depth(self.model.transformer, drop_path_rate)
+        self.is_vit = False
+        self.embed_dim = self.model.output_dim
+        self.patch_grid = tuple(self.model.grid_size)
+        self.num_prefix_tokens = 1
+        if pretrained:
+            self.pretrained_report = load_clip_pretrained(self.model, pretrained, tower="visual")
+
+    @classmethod
+    def from_config(cls, cfg: ImageEncoderConfig | dict, **overrides: Any) -> ImageEncoder:
+        """Build from an :class:`ImageEncoderConfig` or its dict (checkpoint hyper-parameters), `overrides` on top
+        (e.g. `drop_path_rate=0.0, pretrained=None` to rebuild an exported encoder)."""
+        return cls(**config_from(ImageEncoderConfig, cfg, overrides))
+
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, embed_dim): the CLS token after the final norm (ViT) or the pooled map (CNN)."""
+        """(B, 3, H, W) -> (B, embed_dim): the CLS token after the final norm (ViT), the pooled map (CNN), or the
+        projected CLIP image embedding (open_clip)."""
         return self.model(images)
 
     def forward_tokens(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, num_prefix_tokens + h*w, embed_dim), every token after the final norm (ViT only)."""
+        """(B, 3, H, W) -> (B, num_prefix_tokens + h*w, embed_dim), every token after the final norm (timm ViT only)."""
+        if self.is_open_clip:
+            raise ConfigError("forward_tokens needs a timm ViT; for CLIP's tokens build the timm CLIP-layout ViT "
+                              "(e.g. vit_base_patch16_clip_224), which loads the same open_clip weights")
         if not self.is_vit:
             raise ConfigError(f"forward_tokens needs a ViT encoder; {type(self.model).__name__} is a CNN")
         return self.model.forward_features(images)
+
+
+def _add_stochastic_depth(transformer: nn.Module, rate: float) -> None:
+    """Stochastic depth for open_clip's residual blocks: each residual branch's output (after `ls_1` / `ls_2`)
+    passes a timm `DropPath`, the rate rising linearly from 0 at the first block to `rate` at the last.
+
+    The `DropPath` is attached to the layer-scale module and applied by a forward hook, so state-dict keys stay
+    open_clip's (pretrained weights and exports are unchanged) and a momentum copy can switch it off.
+    """
+    if rate <= 0:
+        return
+    if not getattr(transformer, "batch_first", True):
+        raise ConfigError("drop_path_rate > 0 needs open_clip's batch-first transformer")
+    blocks = list(transformer.resblocks)
+    for i, block in enumerate(blocks):
+        block_rate = rate * i / max(1, len(blocks) - 1)
+        if block_rate == 0:
+            continue
+        for layer_scale in (block.ls_1, block.ls_2):
+            layer_scale.drop_path = DropPath(block_rate)
+            layer_scale.register_forward_hook(_drop_residual)
+
+
+def _drop_residual(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    return module.drop_path(output)
 
 
 def _model_class(timm_name: str) -> type:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from pedlightning.data.sources.base import format_table
 from pedlightning.errors import ConfigError
 from pedlightning.losses import weighted_bce
 from pedlightning.metrics import AttributeMetric
-from pedlightning.models.encoders import ImageEncoder
+from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.optim import Schedule
 from pedlightning.tasks.base import TaskModule
 
@@ -44,34 +43,31 @@ class AttributeModule(TaskModule):
     (:class:`pedlightning.metrics.AttributeMetric`); the test run also prints a per-attribute table.
 
     Args:
-        backbone: encoder name (timm, or a pedlightning preset such as ``resnet_tiny_test``).
-        img_size: ``[height, width]`` of the input; must match the datamodule.
-        stride_size, drop_path_rate, last_stride, backbone_kwargs: passed to :class:`ImageEncoder`
-            (Assumption: ``last_stride`` 2, the ImageNet ResNet, as the paper does not change it).
-        pretrained: a local checkpoint for the encoder (timm, MAE, open_clip visual, or a pedlightning
-            pre-training checkpoint); the loader reports loaded / missing / unexpected keys.
-        num_attributes: ``None`` takes the datamodule's ``num_attributes`` in ``setup`` (then stored in
+        encoder: the image encoder (:class:`~pedlightning.models.encoders.ImageEncoderConfig`; ``img_size`` must
+            match the data; ``pretrained`` a local checkpoint: timm, MAE, open_clip visual, or a pedlightning
+            pre-training checkpoint, the loader reports loaded / missing / unexpected keys). Default ResNet-50 with
+            ``last_stride`` 2 (Assumption: the ImageNet ResNet, as the paper does not change it).
+        num_attributes: ``None`` takes the data's ``num_attributes`` in ``setup`` (then stored in
             the hyper-parameters, so checkpoints rebuild the head).
-        attribute_names: names for the per-attribute table; ``None`` takes the datamodule's.
+        attribute_names: names for the per-attribute table; ``None`` takes the data's.
         positive_ratio: per-attribute positive ratio of the training set for the loss weights; ``None`` takes
-            the datamodule's in ``setup``. Kept in the ``positive_ratio`` buffer, so checkpoints carry it.
+            the data's in ``setup``. Kept in the ``positive_ratio`` buffer, so checkpoints carry it.
         weighted_loss: weight the BCE by ``positive_ratio`` (on in the strong baseline); off = plain BCE.
         threshold: decision threshold on the sigmoid output (0.5, the protocol of every PAR benchmark).
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`; defaults
             follow the baseline (Adam, weight decay 5e-4; Assumption: cosine decay instead of its plateau decay).
     """
 
-    def __init__(self, backbone: str = "resnet50", img_size: Sequence[int] = (256, 128), stride_size: int | None = None,
-                 drop_path_rate: float = 0.0, last_stride: int = 2, backbone_kwargs: dict | None = None,
-                 pretrained: str | None = None, num_attributes: int | None = None,
+    def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(name="resnet50", drop_path_rate=0.0,
+                                                                        last_stride=2),
+                 num_attributes: int | None = None,
                  attribute_names: list[str] | None = None, positive_ratio: list[float] | None = None,
                  weighted_loss: bool = True, threshold: float = 0.5,
                  optimizer: OptimizerCallable = torch.optim.Adam, weight_decay: float = 5e-4,
                  lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01):
         super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.encoder = ImageEncoder(backbone, tuple(img_size), stride_size, drop_path_rate, last_stride,
-                                    pretrained, backbone_kwargs)
+        self.encoder = self.build_image_encoder(encoder)
         self.head: AttributeHead | None = None
         if num_attributes is not None:
             self._build_head(num_attributes)
@@ -90,23 +86,24 @@ class AttributeModule(TaskModule):
         self.hparams.num_attributes = num_attributes
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        n = getattr(datamodule, "num_attributes", None)
+        spec, task = self.data_spec, type(self).__name__
+        if spec is not None:
+            self.check_image_size(spec, self.hparams.encoder)
         if self.head is None:
-            if n is None:
-                raise ConfigError("AttributeModule needs num_attributes: pass it, or use a datamodule with "
-                                  "`num_attributes`")
-            self._build_head(n)
-        elif n is not None and n != self.head.num_attributes:
-            raise ConfigError(f"model.num_attributes={self.head.num_attributes} but the dataset has {n} attributes")
-        if self.hparams.attribute_names is None and datamodule is not None and hasattr(datamodule, "attribute_names"):
-            self.hparams.attribute_names = list(datamodule.attribute_names)
-        ratio = getattr(datamodule, "positive_ratio", None)
-        if ratio is not None and torch.isnan(self.positive_ratio).any():
-            self.positive_ratio.copy_(torch.as_tensor(ratio, dtype=torch.float32))
+            if spec is None:
+                raise ConfigError(f"{task} needs num_attributes: pass model.init_args.num_attributes, or use a "
+                                  "pedlightning datamodule (its data states the attributes)")
+            self._build_head(spec.require("num_attributes", task))
+        elif spec is not None:
+            spec.check_equal("num_attributes", self.head.num_attributes, task)
+        if spec is not None:
+            if self.hparams.attribute_names is None and spec.attribute_names is not None:
+                self.hparams.attribute_names = list(spec.attribute_names)
+            if spec.positive_ratio is not None and torch.isnan(self.positive_ratio).any():
+                self.positive_ratio.copy_(torch.as_tensor(spec.positive_ratio, dtype=torch.float32))
         if stage == "fit" and self.hparams.weighted_loss and torch.isnan(self.positive_ratio).any():
             raise ConfigError("weighted_loss needs the training positive ratio per attribute: pass "
-                              "model.positive_ratio, use a datamodule with `positive_ratio`, or set "
+                              "model.positive_ratio, use a datamodule whose data states it, or set "
                               "weighted_loss: false")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,12 @@ from torch import nn
 
 from pedlightning.data.transforms.regions import region_b_positions
 from pedlightning.errors import ConfigError
-from pedlightning.models.ema import MomentumSchedule, ema_update_, momentum_at
-from pedlightning.models.encoders import ImageEncoder
+from pedlightning.models.momentum import MomentumEncoder, MomentumSchedule
+from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.mae_decoder import PosEmbedType, RegionDecoder, grid_positions, sincos_pos_embed_2d
 from pedlightning.models.masking import MaskGenerator, MaskType, forward_visible, visible_indices
 from pedlightning.optim import Schedule
-from pedlightning.tasks.base import TaskModule
+from pedlightning.tasks.base import TaskModule, encoder_config
 
 LossType = Literal["pixel_feature", "pixel", "feature"]
 
@@ -57,8 +57,9 @@ class PersonMAEModule(TaskModule):
     sampling (crop scale and aspect, the ``same_region`` ablation, flips) is configured there.
 
     Args:
-        backbone, img_size, drop_path_rate, backbone_kwargs, pretrained: the student :class:`ImageEncoder`
-            (``self.encoder``; non-overlapping patches). ``pretrained`` initialises it from a local checkpoint.
+        encoder: the student ViT (:class:`~pedlightning.models.encoders.ImageEncoderConfig`, ``self.encoder``;
+            non-overlapping patches, so ``stride_size`` must stay unset). ``pretrained`` initialises it from a local
+            checkpoint.
         mask_type: ``block`` (BEiT block-wise masking, the paper's occlusion-like corruption of RegionA) or
             ``random`` (MAE; ablation).
         mask_ratio: fraction of RegionA's patches hidden from the encoder (Assumption: 0.75, MAE's ratio).
@@ -67,8 +68,9 @@ class PersonMAEModule(TaskModule):
         loss_type: ``pixel_feature`` (the paper), ``pixel`` or ``feature`` (ablations).
         norm_pix_loss: pixel target = per-patch-normalised pixels of RegionB (the paper; MAE Sec. 4).
         feat_weight: ``w_feat`` of ``L_feat`` (Assumption: 1.0).
-        feat_weight_warmup_epochs: ``w_feat`` ramps linearly from 0 to ``feat_weight`` over this many epochs,
-            so the pixel loss shapes the encoder before the young teacher's features count (Assumption: 10).
+        feat_weight_warmup_epochs: ``w_feat`` ramps linearly from 0 to ``feat_weight`` over this many epochs
+            (converted to optimizer steps of the run), so the pixel loss shapes the encoder before the young
+            teacher's features count (Assumption: 10).
         decoder_dim, decoder_depth, decoder_heads: decoder size (Assumption: 512 wide, 4 deep, 16 heads; MAE
             uses 8 blocks for 196 tokens, our person grid has 128).
         decoder_pos_embed: query position embedding at continuous positions, ``sincos`` or ``learned``.
@@ -85,9 +87,7 @@ class PersonMAEModule(TaskModule):
     ``w_feat`` and the momentum are functions of ``global_step``, so a resumed run continues both exactly.
     """
 
-    def __init__(self, backbone: str = "vit_base_patch16_224", img_size: Sequence[int] = (256, 128),
-                 drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None, pretrained: str | None = None,
-                 mask_type: MaskType = "block", mask_ratio: float = 0.75, min_block_patches: int = 16,
+    def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(), mask_type: MaskType = "block", mask_ratio: float = 0.75, min_block_patches: int = 16,
                  block_aspect: Sequence[float] = (0.3, 1 / 0.3), mask_seed: int = 0,
                  loss_type: LossType = "pixel_feature", norm_pix_loss: bool = True, feat_weight: float = 1.0,
                  feat_weight_warmup_epochs: float = 10.0, decoder_dim: int = 512, decoder_depth: int = 4,
@@ -100,17 +100,22 @@ class PersonMAEModule(TaskModule):
         self.save_hyperparameters(ignore=["optimizer"])
         if loss_type not in ("pixel_feature", "pixel", "feature"):
             raise ConfigError(f"loss_type must be 'pixel_feature', 'pixel' or 'feature', got {loss_type!r}")
-        self.encoder = ImageEncoder(backbone, tuple(img_size), None, drop_path_rate, 1, pretrained, backbone_kwargs)
+        config = encoder_config(encoder)
+        if config.stride_size is not None:
+            raise ConfigError(f"PersonMAE needs non-overlapping patches: leave encoder.stride_size unset, got "
+                              f"{config.stride_size}")
+        img_size = tuple(config.img_size)
+        self.encoder = self.build_image_encoder(config)
         vit = self.encoder.model
         if not self.encoder.is_vit:
-            raise ConfigError(f"PersonMAE needs a ViT backbone, {backbone!r} is a CNN")
+            raise ConfigError(f"PersonMAE needs a ViT encoder, {config.name!r} is a CNN")
         self.patch = int(vit.patch_embed.patch_size[0])
         if tuple(vit.patch_embed.patch_size) != (self.patch, self.patch):
             raise ConfigError(f"PersonMAE needs square patches, got {tuple(vit.patch_embed.patch_size)}")
         self.grid = tuple(self.encoder.patch_grid)
         if tuple(img_size) != (self.grid[0] * self.patch, self.grid[1] * self.patch):
             raise ConfigError(f"img_size {list(img_size)} must be a multiple of the patch size {self.patch}")
-        if encoder_pos_embed == "sincos" and not pretrained:
+        if encoder_pos_embed == "sincos" and not config.pretrained:
             self._fix_sincos_pos_embed(vit)
         self.masks = MaskGenerator(self.grid, mask_ratio, mask_type, min_block_patches, tuple(block_aspect))
 
@@ -131,13 +136,10 @@ class PersonMAEModule(TaskModule):
             self.decoders = nn.ModuleDict({"shared": decoder(sum(out_dims.values()))})
         self.out_dims = out_dims
 
-        self.teacher: ImageEncoder | None = None
+        self.teacher: MomentumEncoder | None = None
         if "feature" in out_dims:
-            self.teacher = ImageEncoder(backbone, tuple(img_size), None, 0.0, 1, None, backbone_kwargs)
-            self.teacher.load_state_dict(self.encoder.state_dict())
-            self.teacher.requires_grad_(False)
-        self._ema_step = -1
-        self._schedule_steps: int | None = None
+            self.teacher = MomentumEncoder(self.encoder, teacher_momentum, teacher_momentum_final,
+                                           teacher_momentum_schedule)
 
     @staticmethod
     def _fix_sincos_pos_embed(vit: nn.Module) -> None:
@@ -149,6 +151,11 @@ class PersonMAEModule(TaskModule):
             vit.pos_embed[0, prefix:] = patches
         vit.pos_embed.requires_grad_(False)
 
+    def setup(self, stage: str) -> None:
+        spec = self.data_spec
+        if spec is not None:
+            self.check_image_size(spec, self.hparams.encoder)
+
     def optimized_modules(self) -> nn.Module:
         """Student encoder and decoders; the teacher only follows the student by EMA."""
         return nn.ModuleList([self.encoder, self.decoders])
@@ -158,24 +165,11 @@ class PersonMAEModule(TaskModule):
         return self.encoder(images)
 
     # ----------------------------------------------------------------- schedules (functions of the step)
-    def _total_steps(self) -> int:
-        """Optimizer steps of the whole run (fixed at train start, so a resumed run gets the same value)."""
-        if self._schedule_steps is None:
-            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
-            self._schedule_steps = max(total, 1)
-        return self._schedule_steps
-
     def feat_weight_at(self, step: int) -> float:
         """``w_feat`` after ``step`` optimizer steps: linear ramp to ``feat_weight`` over the warm-up epochs."""
         hp = self.hparams
-        epochs = max(1, (self.trainer.max_epochs if self._trainer is not None else 1) or 1)
-        warmup = hp.feat_weight_warmup_epochs * self._total_steps() / epochs
+        warmup = self.epochs_to_steps(hp.feat_weight_warmup_epochs) if self._trainer is not None else 0
         return hp.feat_weight * (min(1.0, step / warmup) if warmup > 0 else 1.0)
-
-    def momentum_at_step(self, step: int) -> float:
-        hp = self.hparams
-        return momentum_at(step, self._total_steps(), hp.teacher_momentum, hp.teacher_momentum_final,
-                           hp.teacher_momentum_schedule)
 
     # ----------------------------------------------------------------- the model
     def draw_masks(self, batch_size: int, batch_idx: int) -> torch.Tensor:
@@ -204,7 +198,8 @@ class PersonMAEModule(TaskModule):
     @torch.no_grad()
     def feature_target(self, region_b: torch.Tensor) -> torch.Tensor:
         """LayerNorm'd (no affine) patch tokens of the momentum teacher on the whole RegionB."""
-        tokens = self.teacher.forward_tokens(region_b)[:, self.teacher.num_prefix_tokens:]
+        teacher = self.teacher.module
+        tokens = teacher.forward_tokens(region_b)[:, teacher.num_prefix_tokens:]
         return F.layer_norm(tokens.float(), tokens.shape[-1:])
 
     def compute_losses(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -231,19 +226,13 @@ class PersonMAEModule(TaskModule):
         return loss
 
     # ----------------------------------------------------------------- the momentum teacher
-    def on_train_start(self) -> None:
-        self._ema_step = self.global_step
-        self._schedule_steps = None
-        self._total_steps()
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA update once per optimizer step (not per accumulated micro-batch)."""
-        if self.teacher is None or self.global_step == self._ema_step:
+        """EMA update once per optimizer step (the momentum encoder skips accumulated micro-batches)."""
+        if self.teacher is None:
             return
-        self._ema_step = self.global_step
-        momentum = self.momentum_at_step(self.global_step)
-        ema_update_(self.teacher, self.encoder, momentum)
-        self.log("train/teacher_momentum", momentum, batch_size=1)
+        momentum = self.teacher.update(self.encoder, self.global_step, self.total_steps)
+        if momentum is not None:
+            self.log("train/teacher_momentum", momentum, batch_size=1)
 
     # ----------------------------------------------------------------- visualisation
     @torch.no_grad()

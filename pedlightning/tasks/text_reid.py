@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 
-from pedlightning.callbacks.ranklist import RankListInputs
 from pedlightning.errors import ConfigError
 from pedlightning.losses import clip_contrastive, sdm_loss
 from pedlightning.metrics import RetrievalMetric, retrieval_evaluate
-from pedlightning.models.encoders import ImageEncoder
-from pedlightning.models.text import ClipDualEncoder
+from pedlightning.models.encoders import ImageEncoderConfig
+from pedlightning.models.text import TextEncoder, TextEncoderConfig
 from pedlightning.optim import Schedule
-from pedlightning.tasks.base import TaskModule
+from pedlightning.tasks.retrieval import RetrievalTask
 
 
-class TextReIDModule(TaskModule):
+class TextReIDModule(RetrievalTask):
     """Image and text towers trained so that each caption retrieves the images of its person.
 
     The dual-encoder baseline of IRRA (Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for
@@ -36,24 +34,21 @@ class TextReIDModule(TaskModule):
       cross-entropy averaged over the image and the text logits.
     - ITC: CLIP's symmetric InfoNCE (Radford et al. 2021), pair i <-> i, same ``logit_scale``.
 
-    With ``image_backbone`` a timm encoder (e.g. a reID or PersonMAE checkpoint via ``image_pretrained``)
-    replaces CLIP's image tower and a linear layer projects its feature to the text embedding width.
+    With a timm ``image_encoder`` (e.g. a reID, PersonMAE or VAL-PAT checkpoint as its ``pretrained``) in place of
+    CLIP's image tower, a linear layer (``image_proj``) projects its feature to the text embedding width.
     Evaluation: every caption queries the image gallery by cosine similarity
     (:class:`pedlightning.metrics.RetrievalMetric`: R1/R5/R10, mAP, mINP). Which split validation uses is the
     datamodule's ``model_selection``; the module states it at fit start and on every validation summary
     (IRRA's public code validates, and keeps its best epoch, on the test split by default).
 
     Args:
-        clip_model: open_clip config (``ViT-B-16``; ``ViT-B-16-quickgelu`` for OpenAI's weights) or a preset
-            (``clip_tiny_test``).
-        img_size: ``[height, width]``; the position embeddings are built (and loaded checkpoints resized) for it.
-        context_length: text tokens; must match the datamodule's tokenizer.
-        pretrained: a local open_clip or OpenAI CLIP checkpoint (loaded with position embeddings resized, the
-            loaded / missing / unexpected keys reported).
-        clip_config: an open_clip model config dict that replaces ``clip_model``'s.
-        image_backbone: ``None`` = CLIP's image tower; else a timm / pedlightning encoder name.
-        image_backbone_kwargs: extra :class:`ImageEncoder` arguments (``stride_size``, ``drop_path_rate``, ...).
-        image_pretrained: local checkpoint for ``image_backbone``.
+        image_encoder: the image tower (:class:`~pedlightning.models.encoders.ImageEncoderConfig`):
+            ``open_clip:ViT-B-16`` = CLIP's visual tower (``open_clip:clip_tiny_test`` for tests), or a timm / preset
+            name; ``img_size`` must match the data; ``pretrained`` = a local open_clip / OpenAI CLIP checkpoint
+            (visual part, position embeddings resized) or any checkpoint :class:`ImageEncoder` reads.
+        text_encoder: the text tower (:class:`~pedlightning.models.text.TextEncoderConfig`: open_clip config or
+            preset ``name``, ``context_length`` (must match the data's tokenizer), ``pretrained`` (the text part of a
+            CLIP checkpoint, or of a VAL-PAT checkpoint), ``model_cfg``).
         num_classes: training identities of the ID classifier; ``None`` takes the datamodule's ``num_classes``
             in ``setup`` (then stored in the hyper-parameters, so checkpoints rebuild it).
         sdm_weight, id_weight, itc_weight: loss weights. Defaults: IRRA's SDM + ID (Assumption: ITC off, as
@@ -65,66 +60,68 @@ class TextReIDModule(TaskModule):
             learning rate for every parameter (IRRA gives new layers 5x the base rate).
     """
 
-    def __init__(self, clip_model: str = "ViT-B-16", img_size: Sequence[int] = (384, 128), context_length: int = 77,
-                 pretrained: str | None = None, clip_config: dict | None = None, image_backbone: str | None = None,
-                 image_backbone_kwargs: dict | None = None, image_pretrained: str | None = None,
-                 num_classes: int | None = None, sdm_weight: float = 1.0, id_weight: float = 1.0,
-                 itc_weight: float = 0.0, logit_scale: float = 50.0, report_chance: bool = True,
-                 optimizer: OptimizerCallable = torch.optim.Adam, weight_decay: float = 4e-5,
-                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 5.0, min_lr_ratio: float = 0.0):
+    part_names = ("text", "image")
+    query_is_text = True
+    eval_title = "text-to-image"
+
+    def __init__(self, image_encoder: ImageEncoderConfig = ImageEncoderConfig(
+                     name="open_clip:ViT-B-16", img_size=(384, 128), drop_path_rate=0.0),
+                 text_encoder: TextEncoderConfig = TextEncoderConfig(), num_classes: int | None = None,
+                 sdm_weight: float = 1.0, id_weight: float = 1.0, itc_weight: float = 0.0, logit_scale: float = 50.0,
+                 report_chance: bool = True, optimizer: OptimizerCallable = torch.optim.Adam,
+                 weight_decay: float = 4e-5, lr_schedule: Schedule = "cosine", warmup_epochs: float = 5.0,
+                 min_lr_ratio: float = 0.0):
         super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         if min(sdm_weight, id_weight, itc_weight) < 0 or sdm_weight + id_weight + itc_weight == 0:
             raise ConfigError(f"loss weights must be >= 0 with at least one > 0, got sdm_weight={sdm_weight}, "
                               f"id_weight={id_weight}, itc_weight={itc_weight}")
-        self.clip = ClipDualEncoder(clip_model, tuple(img_size), pretrained, context_length, clip_config)
-        # The fixed `logit_scale` replaces CLIP's learnt temperature; a trainable but unused parameter would
-        # also break DDP's gradient bookkeeping.
-        self.clip.clip.logit_scale.requires_grad_(False)
-        self.image_encoder: ImageEncoder | None = None
-        self.image_proj: nn.Linear | None = None
-        if image_backbone is not None:
-            self.clip.clip.visual = nn.Identity()  # replaced by the timm encoder: do not train or store it
-            self.image_encoder = ImageEncoder(image_backbone, tuple(img_size), pretrained=image_pretrained,
-                                              **(image_backbone_kwargs or {}))
-            self.image_proj = nn.Linear(self.image_encoder.embed_dim, self.clip.embed_dim)
+        self.image_encoder = self.build_image_encoder(image_encoder)
+        self.text_encoder = TextEncoder.from_config(text_encoder)
+        self.embed_dim = self.text_encoder.embed_dim
+        # CLIP's visual tower ends in its own projection to the joint space; any other encoder needs one.
+        self.image_proj: nn.Module = nn.Identity() if self.image_encoder.is_open_clip else \
+            nn.Linear(self.image_encoder.embed_dim, self.embed_dim)
+        if self.image_encoder.is_open_clip and self.image_encoder.embed_dim != self.embed_dim:
+            raise ConfigError(f"the CLIP image tower embeds to {self.image_encoder.embed_dim} dims but the text tower "
+                              f"to {self.embed_dim}: use towers of one CLIP model")
         self.classifier: nn.Linear | None = None
         if num_classes is not None:
             self._build_classifier(num_classes)
-        self.val_metric = RetrievalMetric()
-        self.test_metric = RetrievalMetric()
-        self._ranklist: RankListInputs | None = None
+        self.init_evaluation(report_chance)
+
+    def build_metric(self) -> RetrievalMetric:
+        return RetrievalMetric()
 
     def _build_classifier(self, num_classes: int) -> None:
         """IRRA's shared ID classifier: weights N(0, 0.001^2), bias 0."""
         self.hparams.num_classes = num_classes
         if self.hparams.id_weight == 0:
             return
-        self.classifier = nn.Linear(self.clip.embed_dim, num_classes)
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
         nn.init.normal_(self.classifier.weight, std=0.001)
         nn.init.zeros_(self.classifier.bias)
 
     def setup(self, stage: str) -> None:
-        hp = self.hparams
-        datamodule = getattr(self.trainer, "datamodule", None)
-        for name, ours in (("img_size", tuple(hp.img_size)), ("context_length", hp.context_length)):
-            theirs = getattr(datamodule, name, None)
-            if theirs is not None and theirs != ours:
-                raise ConfigError(f"model.{name}={ours} but data.{name}={theirs}: they must agree")
-        n = getattr(datamodule, "num_classes", None)
+        hp, spec, task = self.hparams, self.data_spec, type(self).__name__
+        if spec is not None:
+            self.check_image_size(spec, hp.image_encoder)
+            spec.check_equal("context_length", self.text_encoder.context_length, task)
+        n = spec.num_classes if spec is not None else None
         if hp.num_classes is None:
             if n is None and hp.id_weight > 0:
-                raise ConfigError("the ID loss needs num_classes: pass it, use a datamodule with `num_classes`, or "
-                                  "set id_weight: 0")
+                raise ConfigError(f"{task}: the ID loss needs num_classes: pass model.init_args.num_classes, use a "
+                                  "datamodule whose data states its identities, or set id_weight: 0")
             if n is not None:
                 self._build_classifier(n)
-        elif stage == "fit" and n is not None and n != hp.num_classes:
-            raise ConfigError(f"model.num_classes={hp.num_classes} but the training set has {n} identities")
+        elif stage == "fit" and spec is not None:
+            spec.check_equal("num_classes", hp.num_classes, task)
 
     @property
     def selection_split(self) -> str:
-        """The split validation runs on: the datamodule's ``model_selection`` (``val`` without one)."""
-        return getattr(getattr(self.trainer, "datamodule", None), "model_selection", "val")
+        """The split validation runs on: the data's ``model_selection`` (``val`` without one)."""
+        spec = self.data_spec
+        return (spec.model_selection if spec is not None else None) or "val"
 
     def on_fit_start(self) -> None:
         if self.selection_split == "test":
@@ -133,85 +130,51 @@ class TextReIDModule(TaskModule):
         else:
             rank_zero_info(f"TextReIDModule: val/* metrics are computed on the {self.selection_split} split.")
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: Tensor) -> Tensor:
         """Global image feature in the joint space, ``(B, embed_dim)`` (unnormalised)."""
-        if self.image_encoder is None:
-            return self.clip.encode_image(images)
         return self.image_proj(self.image_encoder(images))
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens: Tensor) -> Tensor:
         """Global text feature (end-of-text token) in the joint space, ``(B, embed_dim)`` (unnormalised)."""
-        return self.clip.encode_text(tokens)
+        return self.text_encoder(tokens)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def matching_losses(self, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> dict[str, Tensor]:
+        """The enabled matching terms, unweighted: ``sdm``, ``itc`` (both exact under DDP) and ``id``."""
         hp = self.hparams
-        images, texts, pids = self.encode_image(batch["image"]), self.encode_text(batch["tokens"]), batch["pid"]
-        losses: dict[str, torch.Tensor] = {}
+        losses: dict[str, Tensor] = {}
         if hp.sdm_weight > 0:
-            losses["sdm"] = sdm_loss(images, texts, pids, hp.logit_scale)
+            losses["sdm"] = sdm_loss(image_feats, text_feats, pids, hp.logit_scale, gather=True)
         if hp.itc_weight > 0:
-            losses["itc"] = clip_contrastive(images, texts, hp.logit_scale)
+            losses["itc"] = clip_contrastive(image_feats, text_feats, hp.logit_scale, gather=True)
         if hp.id_weight > 0:
-            image_logits, text_logits = self.classifier(images), self.classifier(texts)
+            image_logits, text_logits = self.classifier(image_feats), self.classifier(text_feats)
             losses["id"] = (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
-            self.log_dict({"train/image_acc": (image_logits.argmax(1) == pids).float().mean(),
-                           "train/text_acc": (text_logits.argmax(1) == pids).float().mean()}, batch_size=len(pids))
-        loss = sum(getattr(hp, f"{name}_weight") * value for name, value in losses.items())
+        return losses
+
+    def weighted_sum(self, losses: dict[str, Tensor]) -> Tensor:
+        """``sum_k weight_k * loss_k`` over the given terms (weights: ``<name>_weight`` hyper-parameters)."""
+        return sum(getattr(self.hparams, f"{name}_weight") * value for name, value in losses.items())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, texts = self.encode_image(batch["image"]), self.encode_text(batch["tokens"])
+        losses = self.matching_losses(images, texts, batch["pid"])
+        loss = self.weighted_sum(losses)
         self.log_dict({"train/loss": loss, **{f"train/{k}_loss": v for k, v in losses.items()}}, prog_bar=True,
-                      batch_size=len(pids))
+                      batch_size=len(images))
         return loss
 
-    def _eval_step(self, metric: RetrievalMetric, batch: dict[str, Any], dataloader_idx: int) -> None:
-        is_query = dataloader_idx == 0
-        feats = self.encode_text(batch["tokens"]) if is_query else self.encode_image(batch["image"])
-        metric.update(feats.float(), batch["pid"], is_query, batch["index"])
+    def query_features(self, batch: dict[str, Any]) -> Tensor:
+        return self.encode_text(batch["tokens"])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.val_metric, batch, dataloader_idx)
+    def gallery_features(self, batch: dict[str, Any]) -> Tensor:
+        return self.encode_image(batch["image"])
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.test_metric, batch, dataloader_idx)
+    def evaluate_features(self, query_feats: Tensor, gallery_feats: Tensor, query: dict[str, Tensor],
+                          gallery: dict[str, Tensor]) -> dict[str, float]:
+        return retrieval_evaluate(query_feats, gallery_feats, query["pids"], gallery["pids"])
 
-    def on_validation_epoch_end(self) -> None:
-        results = {f"val/{k}": float(v) for k, v in self.val_metric.compute().items()}
-        self.val_metric.reset()
-        self.log_dict(results, sync_dist=False)
-        split = self.selection_split.upper() if self.selection_split == "test" else self.selection_split
-        rank_zero_info(f"text-to-image val (on the {split} split): "
-                       + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in results.items()))
-
-    def on_test_epoch_end(self) -> None:
-        results = {f"test/{k}": float(v) for k, v in self.test_metric.compute().items()}
-        with self.test_metric.sync_context():  # every rank's samples, padding duplicates dropped, index order
-            s = self.test_metric.samples(key_extra="is_query")
-        self.test_metric.reset()
-        text, image = s["is_query"], ~s["is_query"]
-        feats, pids, indices = s["features"].cpu(), s["pids"].cpu(), s["indices"].cpu()
-        if self.hparams.report_chance:
-            g = torch.Generator().manual_seed(0)
-            chance = retrieval_evaluate(torch.randn(int(text.sum()), 64, generator=g),
-                                        torch.randn(int(image.sum()), 64, generator=g), pids[text], pids[image])
-            results.update({f"test/chance_{k}": float(chance[k]) for k in ("mAP", "rank1")})
-        self.log_dict(results, sync_dist=False)
-        rank_zero_info("text-to-image test: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in results.items()))
-        loaders = self.trainer.test_dataloaders
-        captions = getattr(loaders[0].dataset, "captions", None)
-        records = getattr(loaders[1].dataset, "records", None)
-        self._ranklist = RankListInputs(
-            feats[text], feats[image], pids[text], pids[image], None, None,
-            [captions[i] for i in indices[text].tolist()] if captions is not None else [],
-            [records[i].path for i in indices[image].tolist()] if records is not None else [],
-            query_is_text=True)
-
-    def ranklist_inputs(self) -> RankListInputs | None:
-        """Caption queries and gallery images of the last test run, for :class:`RankListCallback`."""
-        return self._ranklist
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        is_query = dataloader_idx == 0
-        feats = self.encode_text(batch["tokens"]) if is_query else self.encode_image(batch["image"])
-        out = {"split": "text" if is_query else "image", "features": feats.float(), "pid": batch["pid"],
-               "index": batch["index"]}
-        if not is_query:
-            out["path"] = batch["path"]
-        return out
+    def describe_evaluation(self, prefix: str) -> str:
+        if prefix != "val":
+            return ""
+        split = self.selection_split
+        return f" (on the {split.upper() if split == 'test' else split} split)"

@@ -5,8 +5,9 @@
 The output is ``{timm key: tensor}`` (``cls_token``, ``pos_embed``, ``patch_embed.proj.weight``, ``blocks.0...``),
 loadable with ``timm.create_model(name, img_size=(256, 128)).load_state_dict(...)`` or by TransReID /
 fast-reid style code; decoders and the momentum teacher are left out (``--which teacher`` exports the teacher).
-When the checkpoint records its backbone (our Lightning checkpoints do), the export is checked by loading it
-strictly into a freshly built encoder of that architecture.
+Works for every task with an image encoder (ReID, attributes, PersonMAE, VAL-PAT under ``encoder``; text search and
+LCR2S under ``image_encoder``). When the checkpoint records its encoder description (our Lightning checkpoints do),
+the export is checked by loading it strictly into a freshly built encoder of that architecture.
 """
 
 from __future__ import annotations
@@ -19,7 +20,19 @@ import torch
 from pedlightning.errors import CheckpointError
 from pedlightning.models.checkpoint import read_state_dict
 
-PREFIXES = {"student": "encoder.model.", "teacher": "teacher.model."}
+#: hyper-parameter names under which tasks describe their image encoder, in lookup order.
+ENCODER_KEYS = ("encoder", "image_encoder")
+WHICH = ("student", "teacher")
+
+
+def default_prefix(state: dict[str, torch.Tensor], hparams: dict, which: str) -> str:
+    """``<encoder>.model.`` of the checkpoint's task, or the momentum teacher's copy of it."""
+    if which == "teacher":
+        return "teacher.module.model."
+    for key in ENCODER_KEYS:
+        if key in hparams or any(k.startswith(f"{key}.model.") for k in state):
+            return f"{key}.model."
+    return "encoder.model."
 
 
 def extract_encoder(state: dict[str, torch.Tensor], prefix: str, path: str = "") -> dict[str, torch.Tensor]:
@@ -32,17 +45,16 @@ def extract_encoder(state: dict[str, torch.Tensor], prefix: str, path: str = "")
     return encoder
 
 
-def verify_export(encoder: dict[str, torch.Tensor], hparams: dict) -> str:
-    """Load ``encoder`` strictly into an :class:`ImageEncoder` built from the checkpoint's hyper-parameters."""
+def verify_export(encoder: dict[str, torch.Tensor], config: dict) -> str:
+    """Load ``encoder`` strictly into an :class:`ImageEncoder` built from the checkpoint's encoder description."""
     from pedlightning.models.encoders import ImageEncoder
 
-    model = ImageEncoder(hparams["backbone"], tuple(hparams.get("img_size", (256, 128))), hparams.get("stride_size"),
-                         0.0, hparams.get("last_stride", 1), None, hparams.get("backbone_kwargs")).model
+    model = ImageEncoder.from_config(config, drop_path_rate=0.0, pretrained=None).model
     try:
         model.load_state_dict(encoder, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"the exported encoder does not match {hparams['backbone']}: {err}") from err
-    return hparams["backbone"]
+        raise CheckpointError(f"the exported encoder does not match {config['name']}: {err}") from err
+    return config["name"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a Lightning checkpoint of a pedlightning module (e.g. PersonMAE)")
     parser.add_argument("output", help="file to write (torch.save of a {key: tensor} dict)")
-    parser.add_argument("--which", choices=sorted(PREFIXES), default="student",
+    parser.add_argument("--which", choices=WHICH, default="student",
                         help="the trained encoder (student, default) or the momentum teacher")
     parser.add_argument("--prefix", default=None, help="export the keys under this prefix instead")
     return parser
@@ -59,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     state = read_state_dict(args.checkpoint)
-    prefix = args.prefix if args.prefix is not None else PREFIXES[args.which]
+    hparams = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    prefix = args.prefix if args.prefix is not None else default_prefix(state, hparams, args.which)
     if prefix and not prefix.endswith("."):
         prefix += "."
     encoder = extract_encoder(state, prefix, args.checkpoint)
-    hparams = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
-    checked = verify_export(encoder, hparams) if "backbone" in hparams else None
+    config = next((hparams[k] for k in ENCODER_KEYS if isinstance(hparams.get(k), dict)), None)
+    checked = verify_export(encoder, config) if config is not None and args.prefix is None else None
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     torch.save(encoder, args.output)
     params = sum(v.numel() for v in encoder.values())

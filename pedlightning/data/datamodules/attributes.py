@@ -91,6 +91,11 @@ class AttributeDataModule(SourceDataModule):
         """Fraction of positive labels per attribute in the training split (the loss weights of the baseline)."""
         return [float(p) for p in self._load_source().positive_ratio]
 
+    def spec_fields(self) -> dict:
+        """Attribute names and training positive ratios; no ``eval_items`` (evaluation is not a retrieval)."""
+        return {"num_attributes": self.num_attributes, "attribute_names": tuple(self.attribute_names),
+                "positive_ratio": tuple(self.positive_ratio)}
+
     def train_dataloader(self) -> DataLoader:
         hp, source = self.hparams, self._load_source()
         require_own_sampling(self.trainer)

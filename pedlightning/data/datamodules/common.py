@@ -7,10 +7,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from pedlightning.data.spec import DataSpec
+from pedlightning.data.eval_loader import parts_loader
 from pedlightning.errors import ConfigError, DatasetLayoutError
+
+EVAL_STAGES: tuple[str, ...] = ("validate", "test", "predict")
+"""The stages whose loaders a :class:`DataSpec`'s ``eval_items`` describe."""
 
 
 def is_empty_dir(path: str) -> bool:
@@ -73,6 +79,17 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer: L.
                       pin_memory=True, persistent_workers=num_workers > 0, collate_fn=collate_fn)
 
 
+def retrieval_loader(parts: Sequence[Dataset], batch_size: int, num_workers: int,
+                     trainer: L.Trainer | None) -> DataLoader:
+    """One in-order loader over ``[queries, gallery]`` whose batches never mix the two (each item has ``part``).
+
+    One loader makes one evaluation: Lightning then logs and prints its metrics once, not once per dataloader.
+    Under DDP each part is padded and sliced per rank (metrics drop the padding by index).
+    """
+    world_size, rank = world(trainer)
+    return parts_loader(parts, batch_size, num_workers, world_size, rank, pin_memory=torch.cuda.is_available())
+
+
 def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer: L.Trainer | None,
                     seed: int) -> DataLoader:
     """A training loader that reshuffles from ``seed + epoch`` and gives each rank a disjoint shard.
@@ -94,6 +111,13 @@ def as_size(value: Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+def make_spec(source: str, img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+              **fields: Any) -> DataSpec:
+    """A :class:`DataSpec` with the facts every datamodule has (``mean``/``std`` as float tuples) plus ``fields``."""
+    return DataSpec(source=source, img_size=tuple(img_size), mean=tuple(float(m) for m in mean),
+                    std=tuple(float(s) for s in std), **fields)
+
+
 class SourceDataModule(L.LightningDataModule):
     """A DataModule over one on-disk dataset parsed by a source registry (``hparams.dataset``, ``hparams.root``).
 
@@ -107,9 +131,26 @@ class SourceDataModule(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         self.source: Any = None
+        self._spec: DataSpec | None = None
 
     def source_kwargs(self) -> dict[str, Any]:
         return {}
+
+    @property
+    def source_name(self) -> str:
+        """``market1501 at data/market1501``: how error messages name this data."""
+        return f"{self.hparams.dataset} at {self.hparams.root}"
+
+    def spec_fields(self) -> dict[str, Any]:
+        """The dataset-specific :class:`DataSpec` fields (classes, attributes, captions, eval items)."""
+        return {}
+
+    def data_spec(self) -> DataSpec:
+        """The facts the model needs from this data; parses the dataset on first use, then cached."""
+        if self._spec is None:
+            hp = self.hparams
+            self._spec = make_spec(self.source_name, self.img_size, hp.mean, hp.std, **self.spec_fields())
+        return self._spec
 
     def prepare_data(self) -> None:
         hp = self.hparams

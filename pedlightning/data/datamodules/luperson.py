@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -10,8 +10,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from pedlightning.data.datamodules.common import as_size, synthesize_if_missing, world
+from pedlightning.data.datamodules.common import as_size, make_spec, synthesize_if_missing, world
 from pedlightning.data.datasets import load_rgb
+from pedlightning.data.records import PersonSample
 from pedlightning.data.shards import (
     EpochLoader,
     ErrorCounter,
@@ -23,17 +24,22 @@ from pedlightning.data.shards import (
 )
 from pedlightning.data.sources.base import format_table
 from pedlightning.data.sources.luperson import SourceKind, detect_kind, find_shards, luperson_images
+from pedlightning.data.spec import DataSpec
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pedlightning.data.transforms.regions import RegionPairTransform
+from pedlightning.data.transforms.samples import SampleTransform, as_sample_transform
 from pedlightning.errors import ConfigError, DatasetLayoutError
 
 
 class UnlabeledImages(Dataset):
-    """Image files -> ``transform(image)`` plus ``index``; an unreadable file gives ``None`` (policy ``skip``)."""
+    """Image files -> ``transform(PersonSample)`` plus ``index``; an unreadable file gives ``None`` (policy ``skip``).
 
-    def __init__(self, paths: Sequence[str], transform, errors: ErrorCounter):
+    Files carry no annotation: each sample's annotation is empty, its key the file index.
+    """
+
+    def __init__(self, paths: Sequence[str], transform: SampleTransform | Callable, errors: ErrorCounter):
         self.paths = list(paths)
-        self.transform = transform
+        self.transform = as_sample_transform(transform)
         self.errors = errors
 
     def __len__(self) -> int:
@@ -45,7 +51,7 @@ class UnlabeledImages(Dataset):
         except DatasetLayoutError as err:
             self.errors.record(f"image {self.paths[index]}", err)
             return None
-        return {**self.transform(image), "index": index}
+        return {**self.transform(PersonSample(image, str(index))), "index": index}
 
 
 def collate_readable(items: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -56,11 +62,112 @@ def collate_readable(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     return default_collate(items)
 
 
-class LUPersonDataModule(L.LightningDataModule):
-    """Unlabeled person images as RegionA / RegionB pairs for :class:`~pedlightning.tasks.PersonMAEModule`.
+class PersonImagesDataModule(L.LightningDataModule):
+    """What the LUPerson datamodules share: reading (folder, list or shards), equal batches per rank, exact
+    epoch length, counted unreadable samples, synthetic data on demand.
 
-    A batch holds ``region_a``, ``region_b`` ``(B, 3, H, W)``, their crop boxes ``box_a``, ``box_b`` ``(B, 4)``
-    (see :mod:`pedlightning.data.transforms.regions`), and ``index`` (folder / list) or ``key`` (shards).
+    A subclass sets ``self.transform`` (a :class:`~pedlightning.data.transforms.samples.SampleTransform`) and
+    ``self.img_size`` and saves hyper-parameters with ``root``, ``synthesize``, ``synthetic``, ``mean``, ``std``,
+    ``batch_size``, ``num_workers``, ``shard_sampling``, ``samples_per_epoch``, ``shuffle_buffer``, ``seed``,
+    ``on_error`` (and ``source``, ``image_root`` when it reads more than shards).
+    """
+
+    name = "luperson"
+    transform: SampleTransform
+    img_size: tuple[int, int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: ErrorCounter | None = None  # made in setup(): one counter per process
+        self.kind: Literal["folder", "list", "shards"] | None = None
+        self.dataset: Dataset | ShardStream | None = None
+        self.num_batches: int | None = None
+
+    @property
+    def source_option(self) -> SourceKind:
+        return self.hparams.get("source", "shards")
+
+    @property
+    def synthetic_writer(self) -> str:
+        """The :data:`~pedlightning.data.synthetic.SYNTHETIC_WRITERS` entry ``synthesize`` uses."""
+        return "luperson_shards" if self.source_option == "shards" else "luperson"
+
+    @property
+    def attribute_names(self) -> tuple[str, ...] | None:
+        """The order of the annotations' attribute vectors; None for data without attributes."""
+        return None
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        synthesize_if_missing(self.synthetic_writer, hp.root, hp.synthesize, hp.synthetic)
+
+    def data_spec(self) -> DataSpec:
+        """Image size and normalisation (unlabeled images: no classes, attributes or evaluation items)."""
+        hp = self.hparams
+        return make_spec(f"{self.name} at {hp.root}", self.img_size, hp.mean, hp.std)
+
+    def _shard_rows(self, shards: list[str]) -> list[tuple[str, object]]:
+        """Extra rows of the setup table for shard data."""
+        return []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        hp = self.hparams
+        world_size, rank = world(self.trainer)
+        self.errors = ErrorCounter(hp.on_error)
+        try:
+            self.kind = detect_kind(hp.root) if self.source_option == "auto" else self.source_option
+        except DatasetLayoutError as err:
+            hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write synthetic images there)"
+            raise DatasetLayoutError(f"{err}{hint}") from err
+        if self.kind == "shards":
+            shards = find_shards(hp.root)
+            sizes = shard_sizes(shards)
+            self.num_batches = batches_per_rank(sizes, world_size, hp.batch_size, hp.shard_sampling,
+                                                hp.samples_per_epoch)
+            names = self.attribute_names or ()
+            self.dataset = ShardStream(shards, self.transform, hp.shard_sampling, hp.shuffle_buffer, hp.seed,
+                                       rank, world_size, self.errors, **({"attribute_names": names} if names else {}))
+            rows = [("shards", len(shards)), ("images", sum(sizes)), *self._shard_rows(shards),
+                    ("processes", world_size), ("batches per process and epoch", self.num_batches),
+                    ("sampling", hp.shard_sampling)]
+        else:
+            paths = luperson_images(hp.root, self.kind, hp.get("image_root"))
+            self.dataset = UnlabeledImages(paths, self.transform, self.errors)
+            self.num_batches = len(paths) // world_size // hp.batch_size
+            if self.num_batches < 1:
+                raise ConfigError(f"{len(paths)} images give no full batch of {hp.batch_size} per process "
+                                  f"({world_size} processes)")
+            rows = [("images", len(paths)), ("processes", world_size),
+                    ("batches per process and epoch", self.num_batches)]
+        rank_zero_info(format_table([self.name, "value"], [("source", f"{self.kind}: {hp.root}"), *rows]))
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable samples skipped so far by this process (all its loader workers)."""
+        return self.errors.count if self.errors is not None else 0
+
+    def train_dataloader(self) -> DataLoader | EpochLoader:
+        self.setup("fit")
+        hp = self.hparams
+        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=True,
+                      persistent_workers=hp.num_workers > 0)
+        if isinstance(self.dataset, ShardStream):
+            return EpochLoader(DataLoader(self.dataset, **common), self.num_batches)
+        world_size, rank = world(self.trainer)
+        sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=hp.seed, drop_last=True)
+                   if world_size > 1 else None)
+        return DataLoader(self.dataset, sampler=sampler, shuffle=sampler is None, drop_last=True,
+                          collate_fn=collate_readable, **common)
+
+
+class LUPersonDataModule(PersonImagesDataModule):
+    """Unlabeled person images, RegionA / RegionB pairs by default (:class:`~pedlightning.tasks.PersonMAEModule`).
+
+    With the default transform a batch holds ``region_a``, ``region_b`` ``(B, 3, H, W)``, their crop boxes
+    ``box_a``, ``box_b`` ``(B, 4)`` (see :mod:`pedlightning.data.transforms.regions`), and ``index`` (folder /
+    list) or ``key`` (shards). Another ``transform`` yields its own keys (plus ``index`` / ``key``).
 
     Args:
         root: an image folder tree, an image list file, or a folder of WebDataset ``.tar`` shards.
@@ -82,6 +189,9 @@ class LUPersonDataModule(L.LightningDataModule):
         seed: shard order and folder sampling seed, shared by all ranks.
         on_error: unreadable images are counted, logged and skipped (``skip``) or stop training with an error
             naming them (``fail``).
+        transform: the per-sample transform (a :class:`~pedlightning.data.transforms.samples.SampleTransform`,
+            e.g. :class:`~pedlightning.data.transforms.moco.TwoViewCaptionTransform`); ``None`` = the RegionA /
+            RegionB pairs of the region arguments. It should yield ``img_size`` images (what ``data_spec`` states).
     """
 
     def __init__(self, root: str = "data/luperson", source: SourceKind = "auto", image_root: str | None = None,
@@ -90,67 +200,10 @@ class LUPersonDataModule(L.LightningDataModule):
                  same_region: bool = False, flip_prob: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, batch_size: int = 64, num_workers: int = 4,
                  shard_sampling: ShardSampling = "split", samples_per_epoch: int | None = None,
-                 shuffle_buffer: int = 2000, seed: int = 0, on_error: OnError = "skip"):
+                 shuffle_buffer: int = 2000, seed: int = 0, on_error: OnError = "skip",
+                 transform: SampleTransform | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["transform"])  # checkpoints keep plain types only
         self.img_size = as_size(img_size)
-        self.transform = RegionPairTransform(self.img_size, region_scale, region_ratio, same_region, flip_prob,
-                                             mean=mean, std=std)
-        self.errors: ErrorCounter | None = None  # made in setup(): one counter per process
-        self.kind: Literal["folder", "list", "shards"] | None = None
-        self.dataset: Dataset | ShardStream | None = None
-        self.num_batches: int | None = None
-
-    def prepare_data(self) -> None:
-        hp = self.hparams
-        writer = "luperson_shards" if hp.source == "shards" else "luperson"
-        synthesize_if_missing(writer, hp.root, hp.synthesize, hp.synthetic)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        hp = self.hparams
-        world_size, rank = world(self.trainer)
-        self.errors = ErrorCounter(hp.on_error)
-        try:
-            self.kind = detect_kind(hp.root) if hp.source == "auto" else hp.source
-        except DatasetLayoutError as err:
-            hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write synthetic images there)"
-            raise DatasetLayoutError(f"{err}{hint}") from err
-        if self.kind == "shards":
-            shards = find_shards(hp.root)
-            sizes = shard_sizes(shards)
-            self.num_batches = batches_per_rank(sizes, world_size, hp.batch_size, hp.shard_sampling,
-                                                hp.samples_per_epoch)
-            self.dataset = ShardStream(shards, self.transform, hp.shard_sampling, hp.shuffle_buffer, hp.seed,
-                                       rank, world_size, self.errors)
-            rows = [("shards", len(shards)), ("images", sum(sizes)), ("processes", world_size),
-                    ("batches per process and epoch", self.num_batches), ("sampling", hp.shard_sampling)]
-        else:
-            paths = luperson_images(hp.root, self.kind, hp.image_root)
-            self.dataset = UnlabeledImages(paths, self.transform, self.errors)
-            self.num_batches = len(paths) // world_size // hp.batch_size
-            if self.num_batches < 1:
-                raise ConfigError(f"{len(paths)} images give no full batch of {hp.batch_size} per process "
-                                  f"({world_size} processes)")
-            rows = [("images", len(paths)), ("processes", world_size),
-                    ("batches per process and epoch", self.num_batches)]
-        rank_zero_info(format_table(["LUPerson", "value"], [("source", f"{self.kind}: {hp.root}"), *rows]))
-
-    @property
-    def num_skipped(self) -> int:
-        """Unreadable samples skipped so far by this process (all its loader workers)."""
-        return self.errors.count if self.errors is not None else 0
-
-    def train_dataloader(self) -> DataLoader | EpochLoader:
-        self.setup("fit")
-        hp = self.hparams
-        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=True,
-                      persistent_workers=hp.num_workers > 0)
-        if isinstance(self.dataset, ShardStream):
-            return EpochLoader(DataLoader(self.dataset, **common), self.num_batches)
-        world_size, rank = world(self.trainer)
-        sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=hp.seed, drop_last=True)
-                   if world_size > 1 else None)
-        return DataLoader(self.dataset, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                          collate_fn=collate_readable, **common)
+        self.transform = as_sample_transform(transform) if transform is not None else RegionPairTransform(
+            self.img_size, region_scale, region_ratio, same_region, flip_prob, mean=mean, std=std)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from torch.utils.data import DataLoader
 
 from pedlightning.data.datamodules.common import (
+    EVAL_STAGES,
     SourceDataModule,
     as_size,
-    eval_loader,
     require_own_sampling,
+    retrieval_loader,
     world,
 )
 from pedlightning.data.datasets import RecordDataset
@@ -59,6 +60,12 @@ class ReIDDataModule(SourceDataModule):
         """Number of training identities (the classifier's width)."""
         return self._load_source().num_train_pids
 
+    def spec_fields(self) -> dict:
+        """Every evaluation stage reads the test split's query and gallery (no val split in reID)."""
+        source = self._load_source()
+        items = (tuple(r.path for r in source.query), tuple(r.path for r in source.gallery))
+        return {"num_classes": self.num_classes, "eval_items": dict.fromkeys(EVAL_STAGES, items)}
+
     def train_dataloader(self) -> DataLoader:
         hp, source = self.hparams, self._load_source()
         require_own_sampling(self.trainer)
@@ -69,18 +76,19 @@ class ReIDDataModule(SourceDataModule):
         return DataLoader(RecordDataset(source.train, transform), batch_sampler=sampler, num_workers=hp.num_workers,
                           pin_memory=True, persistent_workers=hp.num_workers > 0)
 
-    def _eval_loaders(self) -> list[DataLoader]:
+    def _eval_loader(self) -> DataLoader:
+        """Queries (``part`` 0) then gallery (``part`` 1) in one loader."""
         hp, source = self.hparams, self._load_source()
         require_own_sampling(self.trainer)
         transform = build_test_transform(self.img_size, hp.mean, hp.std)
-        return [eval_loader(RecordDataset(records, transform), hp.test_batch_size, hp.num_workers, self.trainer)
-                for records in (source.query, source.gallery)]
+        parts = [RecordDataset(records, transform) for records in (source.query, source.gallery)]
+        return retrieval_loader(parts, hp.test_batch_size, hp.num_workers, self.trainer)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
 
-    def predict_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader()

@@ -8,21 +8,21 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset, Tokenizer
+from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset, flatten_captions
 from pedlightning.data.datamodules.common import (
     SourceDataModule,
     as_size,
-    eval_loader,
     require_own_sampling,
+    retrieval_loader,
     shuffled_loader,
     world,
 )
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import build_text_source
+from pedlightning.data.tokenizer import CaptionTokenizer, build_tokenizer, tokenizer_name
 from pedlightning.data.transforms import build_test_transform, build_train_transform
 from pedlightning.errors import ConfigError
-from pedlightning.models.text import tokenizer
 
 #: CLIP's normalisation (OpenAI), the statistics its image tower was trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,9 +32,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class TextReIDDataModule(SourceDataModule):
     """Text-to-image person search data.
 
-    Training: one sample per caption (image, ``tokens``, ``pid``), shuffled, or P identities x K samples
-    when ``num_instances`` is set. Validation and test return two loaders, ``[captions, images]``: every
-    caption of the split queries its image gallery (no camera filtering, as the whole field evaluates).
+    Training: one sample per caption (image, ``tokens``, ``pid``), shuffled, or P identities x K distinct
+    images (one caption each) when ``num_instances`` is set. Validation and test return one loader over
+    ``[captions, images]`` (``part`` 0 and 1): every caption of the split queries its image gallery (no camera
+    filtering, as the whole field evaluates).
 
     Protocol switch ``model_selection``: which split the validation loaders evaluate.
 
@@ -55,7 +56,9 @@ class TextReIDDataModule(SourceDataModule):
         img_size: ``[height, width]`` of the network input (384 x 128, IRRA).
         batch_size, test_batch_size: per process.
         num_instances: ``None`` = shuffled caption samples (IRRA); an int K = identity batches of
-            ``batch_size / K`` identities x K caption samples (a K-sample support set per identity).
+            ``batch_size / K`` identities x K **distinct images**, each with one of its captions drawn from
+            (seed, epoch) (LCR²S's support sets); identities with fewer than K images are left out and counted,
+            see :class:`~pedlightning.data.samplers.IdentityBatchSampler`.
         mean, std: normalisation (CLIP's by default).
         flip_prob, padding, erasing_prob: training augmentation (IRRA: flip, pad 10 + crop, random erasing).
         seed: shuffling seed, shared by all ranks.
@@ -73,7 +76,7 @@ class TextReIDDataModule(SourceDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
-        self._tokenizer: Tokenizer | None = None
+        self._tokenizer: CaptionTokenizer | None = None
 
     @property
     def model_selection(self) -> str:
@@ -83,10 +86,10 @@ class TextReIDDataModule(SourceDataModule):
     def context_length(self) -> int:
         return self.hparams.context_length
 
-    def get_tokenizer(self) -> Tokenizer:
+    def get_tokenizer(self) -> CaptionTokenizer:
         """The caption tokenizer: list of N strings -> LongTensor (N, context_length)."""
         if self._tokenizer is None:
-            self._tokenizer = tokenizer(self.hparams.tokenizer, self.hparams.context_length)
+            self._tokenizer = build_tokenizer(self.hparams.tokenizer, self.hparams.context_length)
         return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
@@ -107,6 +110,21 @@ class TextReIDDataModule(SourceDataModule):
         """Number of training identities (the width of the shared ID classifier)."""
         return self._load_source().num_train_pids
 
+    def spec_fields(self) -> dict:
+        """Classes, tokens and, per evaluation stage, the caption texts (queries) and image paths (gallery) of
+        the split that stage evaluates. ``tokenizer`` is the open_clip config whose BPE made the tokens
+        (``clip_tiny_test`` -> ``ViT-B-16``), so a model compares it with its own via ``tokenizer_name``."""
+        source, hp = self._load_source(), self.hparams
+        splits = {"validate": self.model_selection, "test": "test", "predict": "test"}
+        items = {}
+        for stage, split in splits.items():
+            records = getattr(source, split)
+            if records:
+                items[stage] = (tuple(flatten_captions(records)[0]), tuple(r.path for r in records))
+        return {"num_classes": self.num_classes, "context_length": hp.context_length,
+                "tokenizer": tokenizer_name(hp.tokenizer), "model_selection": self.model_selection,
+                "eval_items": items}
+
     def train_dataloader(self) -> DataLoader:
         hp, source = self.hparams, self._load_source()
         require_own_sampling(self.trainer)
@@ -116,27 +134,28 @@ class TextReIDDataModule(SourceDataModule):
             return shuffled_loader(dataset, hp.batch_size, hp.num_workers, self.trainer, hp.seed)
         world_size, rank = world(self.trainer)
         sampler = IdentityBatchSampler(dataset.pids, hp.batch_size, hp.num_instances, hp.seed,
-                                       num_replicas=world_size, rank=rank)
+                                       num_replicas=world_size, rank=rank, image_ids=dataset.image_indices)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=hp.num_workers, pin_memory=True,
                           persistent_workers=hp.num_workers > 0)
 
-    def _eval_loaders(self, split: str) -> list[DataLoader]:
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Captions of ``split`` (``part`` 0, the queries) then its images (``part`` 1) in one loader."""
         hp = self.hparams
         require_own_sampling(self.trainer)
         records = getattr(self._load_source(), split)
         queries = CaptionDataset(records, self.get_tokenizer())
         gallery = RecordDataset(records, build_test_transform(self.img_size, hp.mean, hp.std))
-        return [eval_loader(d, hp.test_batch_size, hp.num_workers, self.trainer) for d in (queries, gallery)]
+        return retrieval_loader([queries, gallery], hp.test_batch_size, hp.num_workers, self.trainer)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> DataLoader:
         if self.model_selection == "val" and not self._load_source().val:
             raise ConfigError(f"dataset {self.hparams.dataset!r} at {self.hparams.root} has no validation split "
                               "(ICFG-PEDES ships only train and test): set data.init_args.model_selection: test to "
                               "validate on the test split, or trainer.limit_val_batches: 0 to train without validation")
-        return self._eval_loaders(self.model_selection)
+        return self._eval_loader(self.model_selection)
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders("test")
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
 
-    def predict_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders("test")
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

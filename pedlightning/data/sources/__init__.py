@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.sources.base import ReIDSource
 from pedlightning.data.sources.market import DukeMTMC, Market1501, OccludedDuke
 from pedlightning.data.sources.msmt17 import MSMT17
@@ -19,6 +20,7 @@ __all__ = [
     "ICFGPEDES",
     "MSMT17",
     "PA100K",
+    "PA100K_ATTRIBUTES",
     "REID_SOURCES",
     "TEXT_SOURCES",
     "DukeMTMC",

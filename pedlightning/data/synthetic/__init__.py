@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from pedlightning.data.synthetic.attributes import write_pa100k
 from pedlightning.data.synthetic.captions import describe, tokenize
-from pedlightning.data.synthetic.identity import PA100K_ATTRIBUTES, Identity, make_identities, make_identity
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
+from pedlightning.data.synthetic.identity import Identity, make_identities, make_identity
 from pedlightning.data.synthetic.luperson import write_luperson_folder, write_luperson_shards
 from pedlightning.data.synthetic.pedes import CUHK_PEDES_ID_START, write_cuhk_pedes, write_icfg_pedes, write_rstpreid
 from pedlightning.data.synthetic.render import render_background, render_person

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pedlightning.data.synthetic.identity import PA100K_ATTRIBUTES, Identity, derive_seed
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
+from pedlightning.data.synthetic.identity import Identity, derive_seed
 from pedlightning.data.synthetic.render import render_background, render_person
 from pedlightning.errors import ConfigError
 

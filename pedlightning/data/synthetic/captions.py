@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 
 from pedlightning.data.synthetic.identity import Identity, derive_seed
+from pedlightning.errors import ConfigError
 
 __all__ = ["describe", "tokenize"]
 
@@ -99,7 +101,9 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _caption(ident: Identity, attributes: dict[str, int], rng: random.Random) -> str:
+def _caption(ident: Identity, attributes: dict[str, int], rng: random.Random,
+             mention: Callable[[], bool] = lambda: True) -> str:
+    """One caption; ``mention()`` decides, fact by fact, whether the caption names it (partial captions)."""
     a = attributes
     female = bool(a["Female"])
     age = _first(a, ("AgeLess18", "Age18-60", "AgeOver60")) or "Age18-60"
@@ -114,33 +118,52 @@ def _caption(ident: Identity, attributes: dict[str, int], rng: random.Random) ->
     if a["Glasses"]:
         wear.append(rng.choice(("glasses", "a pair of glasses")))
     rng.shuffle(wear[2:])
+    wear = [w for w in wear if mention()]
     hair = _hair(ident, rng)
-    carried = _carried(ident, a, rng, pos)
+    carried = [c for c in _carried(ident, a, rng, pos) if mention()]
     view = _first(a, ("Front", "Side", "Back"))
 
-    first = f"{subject} {rng.choice(('wearing', 'in', 'dressed in'))} {_join(wear)}"
+    verb = rng.choice(("wearing", "in", "dressed in"))
+    first = f"{subject} {verb} {_join(wear)}" if wear else f"{subject} walking"
     extra = []
-    if hair:
+    if hair and mention():
         extra.append(rng.choice((f"{pron} has {hair}", f"{pos} hair is {ident.hair} and {ident.hair_color}")))
-    elif ident.hair == "bald":
+    elif ident.hair == "bald" and mention():
         extra.append(f"{pron} is bald")
     if carried:
         extra.append(f"{pron} {rng.choice(('is carrying', 'is holding', 'has'))} {_join(carried)}")
-    if view and rng.random() < 0.5:
+    if view and rng.random() < 0.5 and mention():
         extra.append(f"{pron} is {rng.choice(_VIEW[view])}")
     rng.shuffle(extra)
     if rng.random() < 0.35 and "pedestrian" not in subject:  # "The person is a man. He is wearing ..."
-        first = f"{rng.choice(_GENERIC_SUBJECT)} is {subject}. {pron.capitalize()} is wearing {_join(wear)}"
+        first = f"{rng.choice(_GENERIC_SUBJECT)} is {subject}"
+        first += f". {pron.capitalize()} is wearing {_join(wear)}" if wear else ""
     sentences = [first] + extra
     if len(sentences) > 2 and sentences[1].startswith(pron + " ") and rng.random() < 0.5:
         sentences = [sentences[0] + " and " + sentences[1][len(pron) + 1 :]] + sentences[2:]
     return " ".join(s[0].upper() + s[1:] + "." for s in sentences)
 
 
-def describe(identity: Identity, attributes: dict[str, int], seed: int, num: int = 2) -> list[str]:
+def describe(identity: Identity, attributes: dict[str, int], seed: int, num: int = 2,
+             mention_prob: float = 1.0) -> list[str]:
     """``num`` captions of one image of ``identity`` with per-image ``attributes`` (26 PA-100K names).
 
     Captions follow ``attributes`` for the attribute words (sex, age, sleeves, bags, ...) and the
     identity for colours; caption k of an image uses its own random stream, like a second annotator.
+
+    ``mention_prob`` < 1 makes **partial captions** (for LCR²S, where a support set must add information): each
+    fact (upper garment, lower garment, shoes, hat, glasses, hair, each carried item, view; with its colour) is
+    named with this probability, independently per caption and seeded by (seed, pid, caption), so one caption
+    tells part of what the identity's captions tell together. The subject (sex, age) is always named.
     """
-    return [_caption(identity, attributes, random.Random(derive_seed(seed, identity.pid, k, 0xC7))) for k in range(num)]
+    if not 0 < mention_prob <= 1:
+        raise ConfigError(f"mention_prob must be in (0, 1], got {mention_prob}")
+    captions = []
+    for k in range(num):
+        rng = random.Random(derive_seed(seed, identity.pid, k, 0xC7))
+        if mention_prob >= 1:
+            captions.append(_caption(identity, attributes, rng))
+            continue
+        facts = random.Random(derive_seed(seed, identity.pid, k, 0x3E))
+        captions.append(_caption(identity, attributes, rng, lambda: facts.random() < mention_prob))
+    return captions

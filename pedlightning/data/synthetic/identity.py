@@ -10,25 +10,18 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
+
 __all__ = [
     "COLORS",
     "HAIR_COLORS",
     "IDENTITY_ATTRIBUTES",
     "Identity",
-    "PA100K_ATTRIBUTES",
     "VIEW_ATTRIBUTES",
     "derive_seed",
     "make_identities",
     "make_identity",
 ]
-
-PA100K_ATTRIBUTES: tuple[str, ...] = (
-    "Female", "AgeOver60", "Age18-60", "AgeLess18", "Front", "Side", "Back", "Hat", "Glasses",
-    "HandBag", "ShoulderBag", "Backpack", "HoldObjectsInFront", "ShortSleeve", "LongSleeve",
-    "UpperStride", "UpperLogo", "UpperPlaid", "UpperSplice", "LowerStripe", "LowerPattern",
-    "LongCoat", "Trousers", "Shorts", "Skirt&Dress", "boots",
-)
-"""The 26 PA-100K attributes in the order of ``annotation.mat`` (columns of ``*_label``)."""
 
 VIEW_ATTRIBUTES: tuple[str, ...] = ("Front", "Side", "Back")
 IDENTITY_ATTRIBUTES: tuple[str, ...] = tuple(a for a in PA100K_ATTRIBUTES if a not in VIEW_ATTRIBUTES)

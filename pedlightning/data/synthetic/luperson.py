@@ -84,15 +84,25 @@ def write_luperson_shards(
     num_videos: int = 8,
     max_repeats: int = 3,
     occluded: float = 0.1,
+    missing_captions: float = 0.0,
+    missing_attributes: float = 0.0,
 ) -> str:
     """LUPerson as WebDataset shards: ``shard-000000.tar`` ... of ``shard_size`` samples: ``<key>.jpg`` and, with
     ``with_text`` (LUPerson-TA), ``<key>.json`` = ``{"captions": [...], "attributes": {26 PA-100K
-    names: 0|1}}``. Keys are ``<video>_<frame>_<n>`` (no dots). Tar headers have fixed mtime/owner,
-    so the bytes depend on the arguments only.
+    names: 0|1}}`` (the format of :data:`pedlightning.data.sources.luperson.LUPERSON_TA_LAYOUT`). Keys are
+    ``<video>_<frame>_<n>`` (no dots). Tar headers have fixed mtime/owner, so the bytes depend on the arguments only.
+
+    The captions name the colours of the garments, shoes, hair and bags, which none of the 26 attribute flags
+    encodes, so the image-text and the attribute objectives learn different things. ``missing_captions`` /
+    ``missing_attributes``: the fraction of samples (seeded per sample) written with ``"captions": []`` /
+    ``"attributes": null``, as a partly annotated LUPerson-TA would have.
     """
     size = check_size(size)
     if shard_size < 1:
         raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    if not (0 <= missing_captions <= 1 and 0 <= missing_attributes <= 1):
+        raise ConfigError(f"missing_captions and missing_attributes are fractions in [0, 1], got "
+                          f"{missing_captions}, {missing_attributes}")
     shots = sorted(_luperson_shots(seed, num_images, num_videos, max_repeats, occluded), key=lambda s: s.path)
     with atomic_root(root) as tmp:
         for start in range(0, len(shots), shard_size):
@@ -104,5 +114,8 @@ def write_luperson_shards(
                     _add(tar, f"{key}.jpg", jpeg_bytes(img))
                     if with_text:
                         captions = describe(shot.identity, attributes, shot.seed, captions_per_image)
-                        _add(tar, f"{key}.json", json.dumps({"captions": captions, "attributes": attributes}).encode())
+                        gaps = random.Random(derive_seed(shot.seed, 0x6A))
+                        meta = {"captions": [] if gaps.random() < missing_captions else captions,
+                                "attributes": None if gaps.random() < missing_attributes else attributes}
+                        _add(tar, f"{key}.json", json.dumps(meta).encode())
     return root

@@ -2,6 +2,9 @@
 
 Every identity has several images from different cameras; every image gets captions generated from its
 attributes (``captions.describe``), so text and image agree on colours, garments and carried items.
+Every writer takes ``mention_prob`` (default 1: each caption names every fact): below 1 each caption names a
+seeded random subset of its image's facts (partial captions, for LCR²S's support sets); set it through a text
+datamodule's ``synthetic: {mention_prob: 0.5}``.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ def _write_json(path: str, records: list[dict]) -> None:
         json.dump(records, f)
 
 
-def _captioned(tmp: str, shots: list[Shot], size: tuple[int, int], num: int) -> dict[str, list[str]]:
-    """Write the shots' images; return image path -> ``num`` captions of that image."""
+def _captioned(tmp: str, shots: list[Shot], size: tuple[int, int], num: int,
+               mention_prob: float) -> dict[str, list[str]]:
+    """Write the shots' images; return image path -> ``num`` captions of that image (``describe``'s
+    ``mention_prob``: 1 = full captions, less = partial captions)."""
     attributes = write_shots(tmp, shots, size)
-    return {s.path: describe(s.identity, attributes[s.path], s.seed, num) for s in shots}
+    return {s.path: describe(s.identity, attributes[s.path], s.seed, num, mention_prob) for s in shots}
 
 
 def _check_ids(counts: dict[str, int], minimum: int = 1) -> None:
@@ -63,6 +68,7 @@ def write_cuhk_pedes(
     num_test_ids: int = 16,
     images_per_id: int = 3,
     num_cameras: int = 6,
+    mention_prob: float = 1.0,
 ) -> str:
     """CUHK-PEDES: ``imgs/{CUHK01,CUHK03,Market,train_query,test_query}/...`` and a json list of
     ``{"split", "captions" (two), "file_path", "processed_tokens", "id"}`` records.
@@ -112,7 +118,7 @@ def write_cuhk_pedes(
                 owners.append((split, pid))
         next_id += n
     with atomic_root(root) as tmp:
-        captions = _captioned(tmp, shots, size, 2)
+        captions = _captioned(tmp, shots, size, 2, mention_prob)
         records = []
         for shot, (split, pid) in sorted(zip(shots, owners), key=lambda so: (so[1][1], so[0].path)):
             caps = captions[shot.path]
@@ -134,6 +140,7 @@ def write_icfg_pedes(
     num_test_ids: int = 16,
     images_per_id: int = 4,
     num_cameras: int = 15,
+    mention_prob: float = 1.0,
 ) -> str:
     """ICFG-PEDES: ``imgs/train/<pid>/<MSMT17 name>_ex.jpg``, ``imgs/test/...`` and a json list of
     ``{"id", "file_path" ("test/0027/0027_010_05_0303afternoon_1591_0_ex.jpg"), "captions" (one),
@@ -159,7 +166,7 @@ def write_icfg_pedes(
                 owners.append((split, pid))
         next_id += n
     with atomic_root(root) as tmp:
-        captions = _captioned(tmp, shots, size, 1)
+        captions = _captioned(tmp, shots, size, 1, mention_prob)
         records = [
             {"id": pid, "file_path": shot.path[len("imgs/") :], "captions": captions[shot.path],
              "processed_tokens": [tokenize(c) for c in captions[shot.path]], "split": split}
@@ -179,6 +186,7 @@ def write_rstpreid(
     num_test_ids: int = 16,
     images_per_id: int = 5,
     num_cameras: int = 15,
+    mention_prob: float = 1.0,
 ) -> str:
     """RSTPReid: ``imgs/<pid>_c<cam>_<n>.jpg`` (e.g. ``3903_c14_0007.jpg``) and ``data_captions.json``,
     a list of ``{"id", "img_path", "captions" (two), "split" ("train" | "val" | "test")}``. Ids are
@@ -201,7 +209,7 @@ def write_rstpreid(
                 owners.append((split, pid))
             pid += 1
     with atomic_root(root) as tmp:
-        captions = _captioned(tmp, shots, size, 2)
+        captions = _captioned(tmp, shots, size, 2, mention_prob)
         records = [
             {"id": pid, "img_path": shot.path[len("imgs/") :], "captions": captions[shot.path], "split": split}
             for shot, (split, pid) in zip(shots, owners)

@@ -16,7 +16,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pedlightning.data.synthetic.identity import COLORS, PA100K_ATTRIBUTES, Identity, derive_seed
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
+from pedlightning.data.synthetic.identity import COLORS, Identity, derive_seed
 
 __all__ = ["VIEWS", "CameraStyle", "camera_style", "render_background", "render_person"]
 

@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from pedlightning.data.transforms.reid import IMAGENET_MEAN, IMAGENET_STD
+from pedlightning.data.transforms.samples import ImageTransform
 from pedlightning.errors import ConfigError
 
 
@@ -66,8 +67,8 @@ def region_b_positions(box_a: torch.Tensor, box_b: torch.Tensor, grid: Sequence[
     return torch.stack([row, col], dim=-1)
 
 
-class RegionPairTransform:
-    """PIL image -> ``{"region_a", "region_b", "box_a", "box_b"}`` for PersonMAE pre-training.
+class RegionPairTransform(ImageTransform):
+    """PIL image (or the image of a PersonSample) -> ``{"region_a", "region_b", "box_a", "box_b"}`` for PersonMAE.
 
     Args:
         img_size: ``[height, width]`` both regions are resized to (the encoder's input size).
@@ -101,7 +102,7 @@ class RegionPairTransform:
         self.mean, self.std = list(mean), list(std)
         self.rng = rng
 
-    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def apply(self, image: Image.Image) -> dict[str, torch.Tensor]:
         rng = self.rng or random
         if rng.random() < self.flip_prob:
             image = TF.hflip(image)

@@ -1,0 +1,194 @@
+"""LCR²S ablation on synthetic CUHK-PEDES with partial captions: does a support-set teacher help the student?
+
+Arms (equal total epochs: every student arm trains ``teacher_epochs`` in its teacher and ``student_epochs`` as a
+student; the baseline trains ``teacher_epochs + student_epochs`` from scratch):
+
+    a   SDM + ID baseline (TextReIDModule, the same identity batches)
+    b   LCR²S student: teacher with support sets, student with feature + relation distillation
+    c   student of a teacher without support fusion (support_size 0: plain self-distillation)
+    d   feature distillation only (teacher of b, relation_kd_weight 0)
+    e   relation distillation only (teacher of b, feature_kd_weight 0)
+    f   the student of b's teacher without distillation (alpha = beta = 0): what the teacher's initialisation alone gives
+    T   teacher of b, tested with ground-truth support sets of the test split (an oracle upper reference)
+
+Every arm runs for each seed (model initialisation, identity batches and support draws follow the seed; the data is
+fixed). Prints mean ± std of test R1 and mAP per arm and the paired differences b-a, b-c, b-f, b-d, b-e with 95%
+t-intervals over seeds; the paper's claim is b > a and b > c. Writes the numbers as JSON (``--out``).
+
+    python benchmarks/lcr2s_ablation.py            # 3 seeds, about 25 min on 2 CPU cores
+    python benchmarks/lcr2s_ablation.py --quick    # 2 seeds, tiny data and 2 epochs: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from pedlightning.data.datamodules.text import TextReIDDataModule  # noqa: E402
+from pedlightning.data.synthetic import write_cuhk_pedes  # noqa: E402
+from pedlightning.metrics import retrieval_evaluate  # noqa: E402
+from pedlightning.models.encoders import ImageEncoderConfig  # noqa: E402
+from pedlightning.models.text import TextEncoderConfig  # noqa: E402
+from pedlightning.tasks.lcr2s import LCR2SModule  # noqa: E402
+from pedlightning.tasks.text_reid import TextReIDModule  # noqa: E402
+
+SIZE = (64, 32)
+#: two-sided 95% Student-t quantiles by degrees of freedom.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+DIFFS = (("b", "a"), ("b", "c"), ("b", "f"), ("b", "d"), ("b", "e"))
+NAMES = {"a": "SDM+ID baseline", "b": "LCR2S student", "c": "self-distilled (teacher w/o support)",
+         "d": "feature KD only", "e": "relation KD only", "f": "teacher init, no KD",
+         "T": "teacher + oracle support (upper ref.)"}
+
+
+def _towers() -> dict:
+    return {"image_encoder": ImageEncoderConfig("resnet_tiny_test", SIZE),
+            "text_encoder": TextEncoderConfig("clip_tiny_test"), "warmup_epochs": 1.0,
+            "optimizer": functools.partial(torch.optim.Adam, lr=3e-3)}
+
+
+def _data(root: str, args: argparse.Namespace, seed: int) -> TextReIDDataModule:
+    return TextReIDDataModule("cuhk_pedes", root, tokenizer="clip_tiny_test", img_size=SIZE, batch_size=args.batch_size,
+                              num_instances=args.num_instances, num_workers=0, padding=3, erasing_prob=0.0, seed=seed)
+
+
+def _trainer(epochs: int, workdir: str) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=workdir)
+
+
+def _fit(model: L.LightningModule, root: str, args: argparse.Namespace, seed: int, epochs: int,
+         workdir: str) -> L.Trainer:
+    trainer = _trainer(epochs, workdir)
+    trainer.fit(model, _data(root, args, seed))
+    return trainer
+
+
+def _test(model: L.LightningModule, root: str, args: argparse.Namespace, seed: int, workdir: str) -> dict[str, float]:
+    trainer = _trainer(1, workdir)
+    trainer.test(model, _data(root, args, seed), verbose=False)
+    return {k: float(trainer.callback_metrics[f"test/{k}"]) for k in ("rank1", "mAP")}
+
+
+@torch.no_grad()
+def _oracle(teacher: LCR2SModule, root: str, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """The teacher with support sets of the test split chosen by its ground-truth identities (all of them)."""
+    teacher.eval()
+    data = _data(root, args, seed)
+    data.setup("test")
+    queries, gallery = data.test_dataloader()
+    text = torch.cat([teacher.encode_text(b["tokens"]) for b in queries])
+    images = torch.cat([teacher.encode_image(b["image"]) for b in gallery])
+    qp, gp = torch.tensor(queries.dataset.pids), torch.tensor([r.pid for r in gallery.dataset.records])
+    result = retrieval_evaluate(teacher.fuse_split(text, qp, "text"), teacher.fuse_split(images, gp, "image"), qp, gp)
+    return {k: float(result[k]) for k in ("rank1", "mAP")}
+
+
+def run_seed(seed: int, root: str, args: argparse.Namespace, workdir: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    kd = {"b": (1.0, 1.0), "d": (1.0, 0.0), "e": (0.0, 1.0), "f": (0.0, 0.0)}
+    teachers = {}
+    for name, support_size in (("support", None), ("alone", 0)):
+        L.seed_everything(seed, verbose=False)
+        teacher = LCR2SModule(stage="teacher", support_size=support_size, support_seed=seed, **_towers())
+        trainer = _fit(teacher, root, args, seed, args.teacher_epochs, workdir)
+        teachers[name] = os.path.join(workdir, f"teacher_{name}_{seed}.ckpt")
+        trainer.save_checkpoint(teachers[name])
+        if name == "support":
+            out["T"] = _oracle(teacher, root, args, seed)
+    students = {**{arm: ("support", w) for arm, w in kd.items()}, "c": ("alone", kd["b"])}
+    for arm, (teacher_name, (alpha, beta)) in sorted(students.items()):
+        L.seed_everything(seed, verbose=False)
+        student = LCR2SModule(stage="student", teacher_ckpt=teachers[teacher_name], support_seed=seed,
+                              feature_kd_weight=alpha, relation_kd_weight=beta, **_towers())
+        _fit(student, root, args, seed, args.student_epochs, workdir)
+        out[arm] = _test(student, root, args, seed, workdir)
+    L.seed_everything(seed, verbose=False)
+    baseline = TextReIDModule(**_towers())
+    _fit(baseline, root, args, seed, args.teacher_epochs + args.student_epochs, workdir)
+    out["a"] = _test(baseline, root, args, seed, workdir)
+    return out
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95% t-interval."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    return mean, (T975[min(n - 1, 10)] * statistics.stdev(values) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def summarise(runs: dict[int, dict[str, dict[str, float]]]) -> tuple[str, dict]:
+    seeds = sorted(runs)
+    lines = ["| arm | R1 mean ± std | mAP mean ± std |", "|---|---|---|"]
+    summary: dict = {"arms": {}, "differences": {}}
+    for arm in ("a", "b", "c", "d", "e", "f", "T"):
+        r1, ap = ([runs[s][arm][k] for s in seeds] for k in ("rank1", "mAP"))
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+        lines.append(f"| {arm} {NAMES[arm]} | {100 * statistics.fmean(r1):.2f} ± {100 * sd(r1):.2f} | "
+                     f"{100 * statistics.fmean(ap):.2f} ± {100 * sd(ap):.2f} |")
+        summary["arms"][arm] = {"rank1": r1, "mAP": ap}
+    lines += ["", "| paired difference | ΔR1 [95% CI] | ΔmAP [95% CI] |", "|---|---|---|"]
+    for x, y in DIFFS:
+        cells = []
+        for key in ("rank1", "mAP"):
+            mean, half = interval([runs[s][x][key] - runs[s][y][key] for s in seeds])
+            cells.append(f"{100 * mean:+.2f} [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]")
+            summary["differences"][f"{x}-{y}/{key}"] = {"mean": mean, "half_width": half}
+        lines.append(f"| {x} - {y} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines), summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 seeds, tiny data, 2 + 2 epochs (a smoke run)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--teacher-epochs", type=int, default=None)
+    parser.add_argument("--student-epochs", type=int, default=None)
+    parser.add_argument("--train-ids", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-instances", type=int, default=4)
+    parser.add_argument("--data", default=None, help="where the synthetic set is written (default: a temp folder)")
+    parser.add_argument("--out", default="runs/bench/lcr2s_ablation.json")
+    args = parser.parse_args(argv)
+    quick = {"seeds": [0, 1], "teacher_epochs": 2, "student_epochs": 2, "train_ids": 16}
+    full = {"seeds": [0, 1, 2], "teacher_epochs": 8, "student_epochs": 8, "train_ids": 128}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    torch.set_num_threads(2)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or os.path.join(tmp, "cuhk_pedes_partial")
+        if not os.path.isdir(root):
+            write_cuhk_pedes(root, num_train_ids=args.train_ids, num_val_ids=4, num_test_ids=32,
+                             images_per_id=args.num_instances, seed=0, partial_captions=True)
+        runs = {}
+        for seed in args.seeds:
+            runs[seed] = run_seed(seed, root, args, tmp)
+            print(f"seed {seed} done after {time.time() - start:.0f} s: {json.dumps(runs[seed])}", flush=True)
+    table, summary = summarise(runs)
+    elapsed = time.time() - start
+    print(f"\nLCR2S ablation, synthetic CUHK-PEDES with partial captions ({args.train_ids} training ids x "
+          f"{args.num_instances} images, P x K = {args.batch_size // args.num_instances} x {args.num_instances}, "
+          f"{args.teacher_epochs} teacher + {args.student_epochs} student epochs, seeds {args.seeds}), "
+          f"{elapsed:.0f} s\n\n{table}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "seconds": elapsed, "runs": runs, **summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
