@@ -89,10 +89,11 @@ def _oracle(teacher: LCR2SModule, root: str, args: argparse.Namespace, seed: int
     teacher.eval()
     data = _data(root, args, seed)
     data.setup("test")
-    queries, gallery = data.test_dataloader()
-    text = torch.cat([teacher.encode_text(b["tokens"]) for b in queries])
-    images = torch.cat([teacher.encode_image(b["image"]) for b in gallery])
-    qp, gp = torch.tensor(queries.dataset.pids), torch.tensor([r.pid for r in gallery.dataset.records])
+    batches = list(data.test_dataloader())
+    queries, gallery = data.test_dataloader().dataset.parts
+    text = torch.cat([teacher.encode_text(b["tokens"]) for b in batches if b["part"][0] == 0])
+    images = torch.cat([teacher.encode_image(b["image"]) for b in batches if b["part"][0] == 1])
+    qp, gp = torch.tensor(queries.pids), torch.tensor([r.pid for r in gallery.records])
     result = retrieval_evaluate(teacher.fuse_split(text, qp, "text"), teacher.fuse_split(images, gp, "image"), qp, gp)
     return {k: float(result[k]) for k in ("rank1", "mAP")}
 
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-ids", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-instances", type=int, default=4)
+    parser.add_argument("--mention-prob", type=float, default=0.5,
+                        help="chance that a caption names each fact of its image (1 = full captions)")
     parser.add_argument("--data", default=None, help="where the synthetic set is written (default: a temp folder)")
     parser.add_argument("--out", default="runs/bench/lcr2s_ablation.json")
     args = parser.parse_args(argv)
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         root = args.data or os.path.join(tmp, "cuhk_pedes_partial")
         if not os.path.isdir(root):
             write_cuhk_pedes(root, num_train_ids=args.train_ids, num_val_ids=4, num_test_ids=32,
-                             images_per_id=args.num_instances, seed=0, partial_captions=True)
+                             images_per_id=args.num_instances, seed=0, mention_prob=args.mention_prob)
         runs = {}
         for seed in args.seeds:
             runs[seed] = run_seed(seed, root, args, tmp)

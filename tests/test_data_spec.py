@@ -9,9 +9,19 @@ import pickle
 import numpy as np
 import pytest
 
-from pedlightning.data.datamodules import AttributeDataModule, LUPersonDataModule, ReIDDataModule, TextReIDDataModule
+from pedlightning.data.datamodules import (
+    AttributeDataModule,
+    LUPersonDataModule,
+    ReIDDataModule,
+    TextReIDDataModule,
+)
 from pedlightning.data.sources import PA100K_ATTRIBUTES
-from pedlightning.data.synthetic import write_cuhk_pedes, write_icfg_pedes, write_market1501, write_pa100k
+from pedlightning.data.synthetic import (
+    write_cuhk_pedes,
+    write_icfg_pedes,
+    write_market1501,
+    write_pa100k,
+)
 from pedlightning.data.tokenizer import build_tokenizer, tokenizer_name
 from pedlightning.errors import ConfigError
 

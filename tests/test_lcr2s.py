@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pedlightning.cli import main
 from pedlightning.data.datamodules.text import TextReIDDataModule
@@ -298,22 +299,33 @@ def test_teacher_is_frozen_unchanged_and_outside_the_student(tmp_path, cuhk):
     assert {"train/feature_kd_loss", "train/relation_kd_loss", "train/sdm_loss", "train/id_loss"} <= set(logged)
 
 
+def _ddp_fit(tmp_path, model, cuhk) -> dict:
+    """Two spawned CPU processes (gloo), 2 epochs; the last checkpoint, written by rank 0 in its process."""
+    folder = tmp_path / "ckpt"
+    trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2, enable_checkpointing=True,
+                       callbacks=[ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)])
+    trainer.fit(model, _data(cuhk))
+    return torch.load(folder / "last.ckpt", weights_only=True)
+
+
 def test_two_process_fit_of_each_stage(tmp_path, cuhk):
-    """ddp_spawn on CPU (gloo): 8 identities = 2 batches of 4 x 4, one per rank per epoch."""
-    ddp = {"strategy": "ddp_spawn", "devices": 2, "max_epochs": 2}
-    path = _fit_teacher(tmp_path, cuhk, **{**ddp, "max_steps": -1})
-    ckpt = torch.load(path, weights_only=True)
-    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["stage"] == "teacher"
+    """8 identities = 2 identity batches of 4 x 4 per epoch, one per rank: 2 optimizer steps in 2 epochs."""
     L.seed_everything(0)
-    student = _model("student", teacher_ckpt=path)
-    trainer = _trainer(tmp_path / "student", **ddp)
-    trainer.fit(student, _data(cuhk))
-    assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
-    assert float(trainer.callback_metrics["train/feature_kd_loss"]) > 0
-    trainer.save_checkpoint(tmp_path / "student.ckpt")
-    state = torch.load(tmp_path / "student.ckpt", weights_only=True)["state_dict"]
-    assert not any("fusion" in k for k in state)
-    assert not torch.equal(state["classifier.weight"], ckpt["state_dict"]["classifier.weight"])
+    teacher = _model()
+    initial = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ckpt = _ddp_fit(tmp_path / "teacher", teacher, cuhk)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["stage"] == "teacher"
+    assert not torch.equal(ckpt["state_dict"]["text_fusion.blocks.0.mlp.0.weight"],
+                           initial["text_fusion.blocks.0.mlp.0.weight"])
+    path = str(tmp_path / "teacher" / "ckpt" / "last.ckpt")
+    L.seed_everything(0)
+    student = _ddp_fit(tmp_path / "student", _model("student", teacher_ckpt=path), cuhk)
+    assert student["global_step"] == 2 and not any("fusion" in k for k in student["state_dict"])
+    assert set(student["state_dict"]) == {k for k in ckpt["state_dict"] if "fusion" not in k}
+    assert not torch.equal(student["state_dict"]["classifier.weight"], ckpt["state_dict"]["classifier.weight"])
+    # The teacher file is what the teacher stage wrote: the student stage did not touch it.
+    again = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, again[k]) for k, v in ckpt["state_dict"].items())
 
 
 def _metrics_csv(save_dir) -> dict[str, float]:
@@ -328,7 +340,9 @@ def test_cli_chain_teacher_student_test(tmp_path, cuhk):
     deleted: the numbers equal retrieval_evaluate on the student's single-input features outside Lightning."""
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({
-        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "check_val_every_n_epoch": 1},
+        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "check_val_every_n_epoch": 1,
+                    "callbacks": [{"class_path": "pedlightning.callbacks.RankListCallback",
+                                   "init_args": {"num_queries": 3, "top_k": 5}}]},
         "data": {"init_args": {"root": cuhk, "num_workers": 0, "batch_size": 16, "test_batch_size": 16}}}))
     teacher_run, student_run = tmp_path / "teacher", tmp_path / "student"
     main(["fit", "--config", os.path.join(REPO, "configs/lcr2s/demo_teacher_synthetic.yaml"), "--config",
@@ -350,11 +364,12 @@ def test_cli_chain_teacher_student_test(tmp_path, cuhk):
     model = LCR2SModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     data = _data(cuhk)
     data.setup("test")
-    queries, gallery = data.test_dataloader()
+    batches = list(data.test_dataloader())
+    queries = data.test_dataloader().dataset.parts[0]
     with torch.no_grad():
-        text = torch.cat([model.encode_text(b["tokens"]) for b in queries])
-        images = torch.cat([model.encode_image(b["image"]) for b in gallery])
-    expected = retrieval_evaluate(text, images, torch.tensor(queries.dataset.pids),
+        text = torch.cat([model.encode_text(b["tokens"]) for b in batches if b["part"][0] == 0])
+        images = torch.cat([model.encode_image(b["image"]) for b in batches if b["part"][0] == 1])
+    expected = retrieval_evaluate(text, images, torch.tensor(queries.pids),
                                   torch.tensor([r.pid for r in data.source.test]))
     assert expected["num_valid_queries"] == 32
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):

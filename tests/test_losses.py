@@ -6,10 +6,20 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pedlightning.errors import ConfigError
-from pedlightning.losses import TripletLoss, clip_contrastive, gather_with_grad, info_nce, sdm_loss, weighted_bce
+from pedlightning.losses import (
+    GlobalBatch,
+    TripletLoss,
+    all_gather_nograd,
+    clip_contrastive,
+    gather_with_grad,
+    gathered_sizes,
+    global_batch,
+    info_nce,
+    sdm_loss,
+    weighted_bce,
+)
 
 
 def _norm(v: list[float]) -> list[float]:
@@ -160,30 +170,74 @@ def test_sdm_is_smallest_for_matching_embeddings():
     assert sdm_loss(emb, emb, pids) < sdm_loss(emb, torch.randn(4, 8, generator=g), pids)
 
 
-def test_gather_with_grad_is_identity_without_ddp():
+# A 3 x 3 batch with known cosines (inputs unnormalised on purpose): images e1, e2, e3; texts e1, e2,
+# (e1 + e3) / sqrt(2). Cosine image i / text j: S = [[1, 0, r], [0, 1, 0], [0, 0, r]], r = 1 / sqrt(2).
+IMAGES3 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.5]])
+TEXTS3 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 4.0, 0.0], [1.0, 0.0, 1.0]])
+R = 1 / math.sqrt(2)
+
+
+def test_clip_contrastive_3x3_closed_form():
+    s = 5.0
+    image_to_text = ((math.log(math.exp(s) + 1 + math.exp(s * R)) - s) + (math.log(math.exp(s) + 2) - s)
+                     + (math.log(2 + math.exp(s * R)) - s * R)) / 3
+    # Columns of S: [1, 0, 0], [0, 1, 0], [r, 0, r].
+    text_to_image = (2 * (math.log(math.exp(s) + 2) - s) + (math.log(2 * math.exp(s * R) + 1) - s * R)) / 3
+    loss = clip_contrastive(IMAGES3, TEXTS3, s, gather=False)
+    assert loss.item() == pytest.approx((image_to_text + text_to_image) / 2, abs=1e-6)
+    assert clip_contrastive(IMAGES3, TEXTS3, s).item() == loss.item()  # gather is a no-op on one process
+
+
+def test_info_nce_3x3_closed_form():
+    t = 0.5
+    in_batch = ((math.log(math.exp(1 / t) + 1 + math.exp(R / t)) - 1 / t) + (math.log(math.exp(1 / t) + 2) - 1 / t)
+                + (math.log(2 + math.exp(R / t)) - R / t)) / 3
+    assert info_nce(IMAGES3, TEXTS3, temperature=t).item() == pytest.approx(in_batch, abs=1e-6)
+    # Queue e1, -e2: logits of query i = [q.k_i, q.e1, -q.e2] / t = [1, 1, 0], [1, 0, -1], [r, 0, 0] / t.
+    queue = torch.tensor([[3.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    with_queue = ((math.log(2 * math.exp(1 / t) + 1) - 1 / t)
+                  + (math.log(math.exp(1 / t) + 1 + math.exp(-1 / t)) - 1 / t)
+                  + (math.log(math.exp(R / t) + 2) - R / t)) / 3
+    assert info_nce(IMAGES3, TEXTS3, queue, temperature=t).item() == pytest.approx(with_queue, abs=1e-6)
+
+
+def test_sdm_3x3_closed_form():
+    s, eps = 4.0, 1e-8
+    similarity = [[1.0, 0.0, R], [0.0, 1.0, 0.0], [0.0, 0.0, R]]
+    # pids 5, 5, 6: images 0 and 1 match texts 0 and 1 (q = 1/2 each), image 2 matches text 2 only.
+    q = [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
+
+    def kl(rows: list[list[float]]) -> float:
+        total = 0.0
+        for i, row in enumerate(rows):
+            z = sum(math.exp(s * c) for c in row)
+            total += sum(math.exp(s * c) / z * (s * c - math.log(z) - math.log(q[i][j] + eps))
+                         for j, c in enumerate(row))
+        return total / 3
+
+    columns = [list(col) for col in zip(*similarity)]
+    expected = kl(similarity) + kl(columns)
+    assert sdm_loss(IMAGES3, TEXTS3, torch.tensor([5, 5, 6]), s, eps).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_global_batch_row_weights_by_hand():
+    # Rank 1 of 2 holds rows 3..7 of 8: DDP's mean over ranks of (local sum * 2 / 8) is the global row mean.
+    batch = GlobalBatch(world_size=2, offset=3, sizes=(3, 5))
+    assert batch.rows == 8 and batch.row_weight == 0.25
+    assert batch.mean(torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0])).item() == 4.0
+    logits, targets = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1])
+    ce = (math.log(2) + math.log(math.e + 1)) / 2  # rows: log(1 + 1) and log(e + 1) - 0
+    assert batch.cross_entropy(logits, targets).item() == pytest.approx(ce * 2 * 0.25, abs=1e-6)
+    single = GlobalBatch(world_size=1, offset=0, sizes=(2,))
+    assert single.cross_entropy(logits, targets).item() == pytest.approx(ce, abs=1e-6)
+    assert single.mean(torch.tensor([1.0, 2.0])).item() == 1.5
+
+
+def test_gathers_are_identities_without_ddp():
     t = torch.randn(2, 3)
-    assert gather_with_grad(t) is t
-
-
-def _gather_worker(rank: int, world: int, init: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        t = torch.full((2, 3), float(rank + 1), requires_grad=True)
-        gathered = gather_with_grad(t)
-        assert gathered.shape == (4, 3)
-        assert torch.equal(gathered, torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)]))
-        weights = torch.arange(12.0).view(4, 3)
-        (gathered * weights).sum().backward()
-        # Each rank's loss reaches every slice: the local gradient sums the ranks' gradients of its own slice.
-        assert torch.equal(t.grad, world * weights[2 * rank: 2 * rank + 2])
-    finally:
-        dist.destroy_process_group()
-
-
-def test_gather_with_grad_under_gloo(tmp_path):
-    mp.spawn(_gather_worker, args=(2, f"file://{tmp_path / 'init'}"), nprocs=2, join=True)
+    assert gather_with_grad(t) is t and all_gather_nograd(t) is t
+    assert gathered_sizes(5) == [5]
+    assert global_batch(t) == GlobalBatch(1, 0, (2,)) == global_batch(t, gather=False)
 
 
 # ------------------------------------------------------------------------------------------------- attributes

@@ -16,16 +16,30 @@ from torchvision.transforms import functional as TF
 
 from pedlightning.data.datamodules import LUPersonDataModule, LUPersonTADataModule
 from pedlightning.data.records import PersonAnnotation, PersonSample
-from pedlightning.data.shards import ErrorCounter, ShardStream, batches_per_rank, shard_sizes
+from pedlightning.data.shards import (
+    ErrorCounter,
+    ShardStream,
+    batches_per_rank,
+    shard_sizes,
+)
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
-from pedlightning.data.sources.luperson import ANNOTATION_STATS, annotation_stats, find_shards, parse_annotation
+from pedlightning.data.sources.luperson import (
+    ANNOTATION_STATS,
+    annotation_stats,
+    find_shards,
+    parse_annotation,
+)
 from pedlightning.data.synthetic import write_luperson_shards
 from pedlightning.data.synthetic._io import render_shot
 from pedlightning.data.synthetic.captions import describe
 from pedlightning.data.synthetic.identity import make_identity
 from pedlightning.data.synthetic.luperson import _luperson_shots
 from pedlightning.data.tokenizer import build_tokenizer
-from pedlightning.data.transforms.moco import MoCoView, TwoViewCaptionTransform, draw_caption
+from pedlightning.data.transforms.moco import (
+    MoCoView,
+    TwoViewCaptionTransform,
+    draw_caption,
+)
 from pedlightning.data.transforms.samples import SampleTransform
 from pedlightning.errors import DatasetLayoutError
 

@@ -357,7 +357,7 @@ class TeacherRecorder(L.Callback):
 
     def _record(self, trainer, pl_module):
         pick = lambda enc: enc.model.blocks[0].attn.qkv.weight.detach().clone()  # noqa: E731
-        self.states.append((trainer.global_step, pick(pl_module.teacher), pick(pl_module.encoder)))
+        self.states.append((trainer.global_step, pick(pl_module.teacher.module), pick(pl_module.encoder)))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._record(trainer, pl_module)

@@ -72,7 +72,7 @@ def test_pretraining_writes_checkpoint_and_reconstruction_grid(pretrained):
     assert cli.trainer.global_step == 2
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert any(k.startswith("teacher.model.") for k in state) and any(k.startswith("decoders.pixel.") for k in state)
+    assert any(k.startswith("teacher.module.model.") for k in state) and any(k.startswith("decoders.pixel.") for k in state)
     with Image.open(run / "reconstructions" / "epoch=000.png") as png:
         grid = np.asarray(png.convert("RGB")).astype(int)
     # 3 rows (masked RegionA, RegionB, prediction) x 4 columns of 128x64 images, 2-pixel padding
@@ -102,7 +102,7 @@ def test_export_encoder_gives_a_strict_timm_state_dict(pretrained, capsys):
     model.load_state_dict(exported, strict=True)
     main(["export-encoder", str(ckpt), str(tmp / "teacher.pth"), "--which", "teacher"])
     teacher = torch.load(tmp / "teacher.pth", weights_only=True)
-    assert all(torch.equal(teacher[k], state["teacher.model." + k]) for k in student)
+    assert all(torch.equal(teacher[k], state["teacher.module.model." + k]) for k in student)
     with pytest.raises(SystemExit):
         main(["export-encoder", str(ckpt), str(tmp / "x.pth"), "--prefix", "nothing"])
 
@@ -118,7 +118,7 @@ def test_finetuning_through_the_cli_loads_every_encoder_key(pretrained, source, 
     (tmp_path / "tiny.yaml").write_text(FINETUNE_TINY)
     cli = _cli(["fit", "--config", FINETUNE, "--config", str(tmp_path / "tiny.yaml"),
                 f"--trainer.default_root_dir={tmp_path / 'run'}", f"--data.init_args.root={tmp / 'occduke'}",
-                f"--model.init_args.pretrained={weights}"])
+                f"--model.init_args.encoder.pretrained={weights}"])
     report = cli.model.encoder.pretrained_report
     encoder_keys = set(cli.model.encoder.model.state_dict())
     assert set(report.loaded) == encoder_keys and not report.missing and not report.unexpected

@@ -20,6 +20,7 @@ from pedlightning.data.synthetic import (
     CUHK_PEDES_ID_START,
     PA100K_ATTRIBUTES,
     SYNTHETIC_WRITERS,
+    _io,
     describe,
     make_identities,
     make_identity,
@@ -36,7 +37,6 @@ from pedlightning.data.synthetic import (
     write_pa100k,
     write_rstpreid,
 )
-from pedlightning.data.synthetic import _io
 from pedlightning.data.synthetic.__main__ import main
 from pedlightning.data.synthetic.identity import IDENTITY_ATTRIBUTES
 from pedlightning.errors import ConfigError

@@ -74,7 +74,8 @@ class MGN(nn.Module):
             _set_last_stride(nn.ModuleDict({"layer4": branch[1]}), 1, "an MGN part branch")
             self.part_branches.append(branch)
         channels = encoder.embed_dim
-        self.reductions = nn.ModuleList(nn.Linear(channels, reduction_dim, bias=False) for _ in range(self.num_features))
+        self.reductions = nn.ModuleList(nn.Linear(channels, reduction_dim, bias=False)
+                                        for _ in range(self.num_features))
         for layer in self.reductions:
             nn.init.kaiming_normal_(layer.weight, mode="fan_out")
         self.necks = nn.ModuleList(BNNeck(reduction_dim, num_classes) for _ in range(self.num_features))

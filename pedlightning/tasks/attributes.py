@@ -86,16 +86,11 @@ class AttributeModule(TaskModule):
         self.hparams.num_attributes = num_attributes
 
     def setup(self, stage: str) -> None:
-        spec, task = self.data_spec, type(self).__name__
+        spec = self.data_spec
         if spec is not None:
             self.check_image_size(spec, self.hparams.encoder)
-        if self.head is None:
-            if spec is None:
-                raise ConfigError(f"{task} needs num_attributes: pass model.init_args.num_attributes, or use a "
-                                  "pedlightning datamodule (its data states the attributes)")
-            self._build_head(spec.require("num_attributes", task))
-        elif spec is not None:
-            spec.check_equal("num_attributes", self.head.num_attributes, task)
+        self.count_from_data("num_attributes", self.head.num_attributes if self.head is not None else None,
+                             self._build_head)
         if spec is not None:
             if self.hparams.attribute_names is None and spec.attribute_names is not None:
                 self.hparams.attribute_names = list(spec.attribute_names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -73,6 +74,19 @@ class TaskModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return datamodule.data_spec() if isinstance(datamodule, SpecifiedData) else None
 
+    def count_from_data(self, name: str, current: int | None, build: Callable[[int], None], check: bool = True,
+                        hint: str = "") -> None:
+        """A count the model is sized by (``num_classes``, ``num_attributes``): taken from the data when the model
+        has none (``build(n)``), else checked against the data when ``check``."""
+        spec, task = self.data_spec, type(self).__name__
+        if current is None:
+            if spec is None:
+                raise ConfigError(f"{task} needs {name}: pass model.init_args.{name}{hint}, or use a pedlightning "
+                                  "datamodule (its data states it)")
+            build(spec.require(name, task))
+        elif check and spec is not None:
+            spec.check_equal(name, current, task)
+
     def check_image_size(self, spec: DataSpec, config: ImageEncoderConfig | dict) -> None:
         """The encoder's input size must be the size the data yields."""
         spec.check_equal("img_size", encoder_config(config).img_size, type(self).__name__)
@@ -104,9 +118,9 @@ class TaskModule(L.LightningModule):
             return self.total_steps / epochs
         return math.ceil(batches / trainer.accumulate_grad_batches)
 
-    def epochs_to_steps(self, epochs: float) -> int:
-        """A length in epochs (fractions allowed) as optimizer steps of this run."""
-        return int(round(epochs * self.steps_per_epoch())) if epochs > 0 else 0
+    def epochs_to_steps(self, epochs: float) -> float:
+        """A length in epochs (fractions allowed) as optimizer steps of this run (fractional: ramps stay exact)."""
+        return epochs * self.steps_per_epoch() if epochs > 0 else 0.0
 
     def optimized_modules(self) -> torch.nn.Module:
         """The parameters the optimizer updates; subclasses exclude frozen teachers here."""
@@ -115,7 +129,7 @@ class TaskModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(param_groups(self.optimized_modules(), self.weight_decay))
         total = self.total_steps
-        warmup = self.epochs_to_steps(self.warmup_epochs)
+        warmup = int(round(self.epochs_to_steps(self.warmup_epochs)))
         if warmup >= total:
             rank_zero_warn(f"{type(self).__name__}: warm-up ({warmup} optimizer steps) is not shorter than the run "
                            f"({total} steps): the lr never reaches its base value")

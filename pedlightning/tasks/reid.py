@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from pedlightning.errors import ConfigError
 from pedlightning.losses import TripletLoss
 from pedlightning.metrics import ReIDMetric, reid_evaluate
 from pedlightning.models.encoders import ImageEncoderConfig
@@ -83,16 +82,10 @@ class ReIDModule(RetrievalTask):
         return ReIDMetric(metric=hp.metric, rerank=hp.rerank, k1=hp.k1, k2=hp.k2, lambda_value=hp.lambda_value)
 
     def setup(self, stage: str) -> None:
-        spec, task = self.data_spec, type(self).__name__
-        if spec is not None:
-            self.check_image_size(spec, self.hparams.encoder)
-        if self.head is None:
-            if spec is None:
-                raise ConfigError(f"{task} needs num_classes: pass model.init_args.num_classes, or use a "
-                                  "pedlightning datamodule (its data states the number of training identities)")
-            self._build_head(spec.require("num_classes", task))
-        elif stage == "fit" and spec is not None:
-            spec.check_equal("num_classes", self.head.num_classes, task)
+        if self.data_spec is not None:
+            self.check_image_size(self.data_spec, self.hparams.encoder)
+        self.count_from_data("num_classes", self.head.num_classes if self.head is not None else None,
+                             self._build_head, check=stage == "fit")
 
     def forward(self, images: Tensor) -> Tensor:
         """Evaluation embedding of a batch of images (flip-averaged when ``flip_test``)."""

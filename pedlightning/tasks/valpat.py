@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from pedlightning.data.tokenizer import tokenizer_name
 from pedlightning.errors import ConfigError
-from pedlightning.losses import all_gather_nograd, clip_contrastive, global_batch, info_nce, weighted_bce
+from pedlightning.losses import (
+    all_gather_nograd,
+    clip_contrastive,
+    global_batch,
+    info_nce,
+    weighted_bce,
+)
 from pedlightning.models.encoders import ImageEncoderConfig, config_from
 from pedlightning.models.moco import (
     EncoderWithProjection,
@@ -122,6 +128,7 @@ class VALPATModule(TaskModule):
         self.weights = weights
         self.encoder = self.build_image_encoder(encoder)
         dim = self.encoder.embed_dim
+        self._bn_shuffle = shuffle_bn and has_batchnorm(self.encoder)
 
         self.projection: ProjectionMLP | None = None
         self.key_encoder: MomentumEncoder | None = None
@@ -164,13 +171,15 @@ class VALPATModule(TaskModule):
             self.check_image_size(spec, hp.encoder)
             if self.text_encoder is not None:
                 spec.check_equal("context_length", self.text_encoder.context_length, task)
-                spec.check_equal("tokenizer", tokenizer_name(config_from(TextEncoderConfig, hp.text_encoder)["name"]), task)
+                text_name = config_from(TextEncoderConfig, hp.text_encoder)["name"]
+                spec.check_equal("tokenizer", tokenizer_name(text_name), task)
         if self.weights["attr"] == 0:
             return
         if self.attr_head is None:
             if spec is None:
                 raise ConfigError(f"{task} needs num_attributes for the attribute term: pass "
-                                  "model.init_args.num_attributes, use a pedlightning datamodule, or set attr_weight: 0")
+                                  "model.init_args.num_attributes, use a pedlightning datamodule, or set "
+                                  "attr_weight: 0")
             self._build_attribute_head(spec.require("num_attributes", task))
         elif spec is not None:
             spec.check_equal("num_attributes", self.attr_head.num_attributes, task)
@@ -190,21 +199,16 @@ class VALPATModule(TaskModule):
         """The query tower (encoder + projection) the key encoder follows; references, no new parameters."""
         return EncoderWithProjection(self.encoder, self.projection)
 
-    def _shuffles(self) -> bool:
-        return self.hparams.shuffle_bn and has_batchnorm(self.encoder)
-
     def _group_size(self, batch_size: int) -> int | None:
-        size = self.hparams.bn_group_size if self._shuffles() else None
+        size = self.hparams.bn_group_size if self._bn_shuffle else None
         one_group = size is None or size >= batch_size
-        if one_group and self._shuffles() and self.trainer_world_size() == 1 and not self._warned_groups:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if one_group and self._bn_shuffle and world == 1 and not self._warned_groups:
             self._warned_groups = True
             rank_zero_warn(f"VALPATModule: shuffled BN with one BatchNorm group of {batch_size} samples on one "
                            "process cannot keep a query and its positive key in different BN statistics; set "
                            "model.init_args.bn_group_size below the batch size (MoCo v2: 32)")
         return size
-
-    def trainer_world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
 
     def _term_input(self, batch: dict[str, Any], key: str, term: str) -> Tensor:
         if key not in batch:
@@ -222,7 +226,7 @@ class VALPATModule(TaskModule):
             group = self._group_size(len(view_q))
             feats = grouped_forward(self.encoder, view_q, group)
             query = self.projection(feats)
-            if self._shuffles():
+            if self._bn_shuffle:
                 step = self.global_step if self._trainer is not None else 0
                 keys = shuffled_forward(self.key_encoder, view_k, group, (hp.shuffle_seed, step, batch_idx))
             else:
@@ -270,7 +274,8 @@ class VALPATModule(TaskModule):
         each), for a term no rank has a sample for."""
         return sum(t.sum() for t in graph) * 0.0
 
-    def _count(self, batch: dict[str, Any], has_caption: Tensor | None, has_attributes: Tensor | None) -> dict[str, int]:
+    def _count(self, batch: dict[str, Any], has_caption: Tensor | None,
+               has_attributes: Tensor | None) -> dict[str, int]:
         """Count this step's samples and those each masked term leaves out, over every rank (one collective).
 
         The counts are global, hence equal on every rank (DDP's buffer broadcast leaves them unchanged); they add

@@ -17,7 +17,12 @@ from pedlightning.data.datamodules.common import (
 )
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.sources import build_attribute_source
-from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+from pedlightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_test_transform,
+    build_train_transform,
+)
 
 
 class AttributeDataModule(SourceDataModule):

@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pedlightning.data.spec import DataSpec
 from pedlightning.data.eval_loader import parts_loader
+from pedlightning.data.spec import DataSpec
 from pedlightning.errors import ConfigError, DatasetLayoutError
 
 EVAL_STAGES: tuple[str, ...] = ("validate", "test", "predict")
@@ -76,7 +76,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer: L.
     sampler = (DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
                if world_size > 1 else None)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      pin_memory=True, persistent_workers=num_workers > 0, collate_fn=collate_fn)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, collate_fn=collate_fn)
 
 
 def retrieval_loader(parts: Sequence[Dataset], batch_size: int, num_workers: int,
@@ -101,7 +101,7 @@ def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer
     world_size, rank = world(trainer)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      pin_memory=True, persistent_workers=num_workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
 def as_size(value: Sequence[int]) -> tuple[int, int]:

@@ -8,9 +8,15 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from pedlightning.data.datamodules.common import as_size, make_spec, synthesize_if_missing, world
+from pedlightning.data.datamodules.common import (
+    as_size,
+    make_spec,
+    synthesize_if_missing,
+    world,
+)
 from pedlightning.data.datasets import load_rgb
 from pedlightning.data.records import PersonSample
 from pedlightning.data.shards import (
@@ -22,8 +28,14 @@ from pedlightning.data.shards import (
     batches_per_rank,
     shard_sizes,
 )
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.sources.base import format_table
-from pedlightning.data.sources.luperson import SourceKind, detect_kind, find_shards, luperson_images
+from pedlightning.data.sources.luperson import (
+    SourceKind,
+    detect_kind,
+    find_shards,
+    luperson_images,
+)
 from pedlightning.data.spec import DataSpec
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pedlightning.data.transforms.regions import RegionPairTransform
@@ -126,9 +138,8 @@ class PersonImagesDataModule(L.LightningDataModule):
             sizes = shard_sizes(shards)
             self.num_batches = batches_per_rank(sizes, world_size, hp.batch_size, hp.shard_sampling,
                                                 hp.samples_per_epoch)
-            names = self.attribute_names or ()
             self.dataset = ShardStream(shards, self.transform, hp.shard_sampling, hp.shuffle_buffer, hp.seed,
-                                       rank, world_size, self.errors, **({"attribute_names": names} if names else {}))
+                                       rank, world_size, self.errors, self.attribute_names or PA100K_ATTRIBUTES)
             rows = [("shards", len(shards)), ("images", sum(sizes)), *self._shard_rows(shards),
                     ("processes", world_size), ("batches per process and epoch", self.num_batches),
                     ("sampling", hp.shard_sampling)]
@@ -151,7 +162,7 @@ class PersonImagesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader | EpochLoader:
         self.setup("fit")
         hp = self.hparams
-        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=True,
+        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=hp.num_workers > 0)
         if isinstance(self.dataset, ShardStream):
             return EpochLoader(DataLoader(self.dataset, **common), self.num_batches)

@@ -10,7 +10,11 @@ from pedlightning.data.datamodules.common import as_size, make_spec
 from pedlightning.data.datamodules.luperson import PersonImagesDataModule
 from pedlightning.data.shards import OnError, ShardSampling
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
-from pedlightning.data.sources.luperson import AnnotationStats, annotation_stats, find_shards
+from pedlightning.data.sources.luperson import (
+    AnnotationStats,
+    annotation_stats,
+    find_shards,
+)
 from pedlightning.data.spec import DataSpec
 from pedlightning.data.tokenizer import tokenizer_name
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD

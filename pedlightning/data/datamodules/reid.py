@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch.utils.data import DataLoader
 
 from pedlightning.data.datamodules.common import (
@@ -17,7 +18,12 @@ from pedlightning.data.datamodules.common import (
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import build_reid_source
-from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+from pedlightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_test_transform,
+    build_train_transform,
+)
 
 
 class ReIDDataModule(SourceDataModule):
@@ -74,7 +80,7 @@ class ReIDDataModule(SourceDataModule):
         sampler = IdentityBatchSampler([r.pid for r in source.train], hp.batch_size, hp.num_instances, hp.seed,
                                        num_replicas=world_size, rank=rank)
         return DataLoader(RecordDataset(source.train, transform), batch_sampler=sampler, num_workers=hp.num_workers,
-                          pin_memory=True, persistent_workers=hp.num_workers > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=hp.num_workers > 0)
 
     def _eval_loader(self) -> DataLoader:
         """Queries (``part`` 0) then gallery (``part`` 1) in one loader."""

@@ -6,9 +6,14 @@ from collections.abc import Sequence
 from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import torch
 from torch.utils.data import DataLoader
 
-from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset, flatten_captions
+from pedlightning.data.caption_datasets import (
+    CaptionDataset,
+    ImageCaptionDataset,
+    flatten_captions,
+)
 from pedlightning.data.datamodules.common import (
     SourceDataModule,
     as_size,
@@ -20,7 +25,11 @@ from pedlightning.data.datamodules.common import (
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import build_text_source
-from pedlightning.data.tokenizer import CaptionTokenizer, build_tokenizer, tokenizer_name
+from pedlightning.data.tokenizer import (
+    CaptionTokenizer,
+    build_tokenizer,
+    tokenizer_name,
+)
 from pedlightning.data.transforms import build_test_transform, build_train_transform
 from pedlightning.errors import ConfigError
 
@@ -135,7 +144,7 @@ class TextReIDDataModule(SourceDataModule):
         world_size, rank = world(self.trainer)
         sampler = IdentityBatchSampler(dataset.pids, hp.batch_size, hp.num_instances, hp.seed,
                                        num_replicas=world_size, rank=rank, image_ids=dataset.image_indices)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=hp.num_workers, pin_memory=True,
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=hp.num_workers > 0)
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -10,19 +10,24 @@ from pedlightning.data.sources.base import ReIDSource
 from pedlightning.data.sources.market import DukeMTMC, Market1501, OccludedDuke
 from pedlightning.data.sources.msmt17 import MSMT17
 from pedlightning.data.sources.pa100k import PA100K
-from pedlightning.data.sources.pedes import CUHKPEDES, ICFGPEDES, CaptionSource, RSTPReid
+from pedlightning.data.sources.pedes import (
+    CUHKPEDES,
+    ICFGPEDES,
+    CaptionSource,
+    RSTPReid,
+)
 from pedlightning.errors import ConfigError
 
 __all__ = [
     "ATTRIBUTE_SOURCES",
     "CUHKPEDES",
-    "CaptionSource",
     "ICFGPEDES",
     "MSMT17",
     "PA100K",
     "PA100K_ATTRIBUTES",
     "REID_SOURCES",
     "TEXT_SOURCES",
+    "CaptionSource",
     "DukeMTMC",
     "Market1501",
     "OccludedDuke",

@@ -24,7 +24,11 @@ from typing import Literal
 
 from pedlightning.data.records import PersonAnnotation
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES, attribute_vector
-from pedlightning.data.sources.base import IMAGE_EXTENSIONS, DatasetLayoutError, require_files_exist
+from pedlightning.data.sources.base import (
+    IMAGE_EXTENSIONS,
+    DatasetLayoutError,
+    require_files_exist,
+)
 
 SourceKind = Literal["auto", "folder", "list", "shards"]
 

@@ -10,14 +10,31 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.synthetic.attributes import write_pa100k
 from pedlightning.data.synthetic.captions import describe, tokenize
-from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
-from pedlightning.data.synthetic.identity import Identity, make_identities, make_identity
-from pedlightning.data.synthetic.luperson import write_luperson_folder, write_luperson_shards
-from pedlightning.data.synthetic.pedes import CUHK_PEDES_ID_START, write_cuhk_pedes, write_icfg_pedes, write_rstpreid
+from pedlightning.data.synthetic.identity import (
+    Identity,
+    make_identities,
+    make_identity,
+)
+from pedlightning.data.synthetic.luperson import (
+    write_luperson_folder,
+    write_luperson_shards,
+)
+from pedlightning.data.synthetic.pedes import (
+    CUHK_PEDES_ID_START,
+    write_cuhk_pedes,
+    write_icfg_pedes,
+    write_rstpreid,
+)
+from pedlightning.data.synthetic.reid import (
+    write_dukemtmc,
+    write_market1501,
+    write_msmt17,
+    write_occluded_duke,
+)
 from pedlightning.data.synthetic.render import render_background, render_person
-from pedlightning.data.synthetic.reid import write_dukemtmc, write_market1501, write_msmt17, write_occluded_duke
 
 __all__ = [
     "CUHK_PEDES_ID_START",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass

@@ -8,8 +8,8 @@ import random
 
 import numpy as np
 
-from pedlightning.data.synthetic._io import Shot, atomic_root, check_size, write_shots
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
+from pedlightning.data.synthetic._io import Shot, atomic_root, check_size, write_shots
 from pedlightning.data.synthetic.identity import derive_seed, make_identity
 from pedlightning.errors import ConfigError
 

@@ -165,5 +165,5 @@ def describe(identity: Identity, attributes: dict[str, int], seed: int, num: int
             captions.append(_caption(identity, attributes, rng))
             continue
         facts = random.Random(derive_seed(seed, identity.pid, k, 0x3E))
-        captions.append(_caption(identity, attributes, rng, lambda: facts.random() < mention_prob))
+        captions.append(_caption(identity, attributes, rng, lambda f=facts: f.random() < mention_prob))
     return captions

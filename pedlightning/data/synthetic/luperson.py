@@ -12,7 +12,14 @@ import os
 import random
 import tarfile
 
-from pedlightning.data.synthetic._io import Shot, atomic_root, check_size, jpeg_bytes, render_shot, write_shots
+from pedlightning.data.synthetic._io import (
+    Shot,
+    atomic_root,
+    check_size,
+    jpeg_bytes,
+    render_shot,
+    write_shots,
+)
 from pedlightning.data.synthetic.captions import describe
 from pedlightning.data.synthetic.identity import derive_seed, make_identity
 from pedlightning.errors import ConfigError
