@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from pedlightning.data.datamodules.common import (
