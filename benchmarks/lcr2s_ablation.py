@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/bench/lcr2s_ablation.json")
     args = parser.parse_args(argv)
     quick = {"seeds": [0, 1], "teacher_epochs": 2, "student_epochs": 2, "train_ids": 16}
-    full = {"seeds": [0, 1, 2], "teacher_epochs": 8, "student_epochs": 8, "train_ids": 128}
+    full = {"seeds": [0, 1, 2], "teacher_epochs": 6, "student_epochs": 6, "train_ids": 128}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

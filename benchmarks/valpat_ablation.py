@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/bench/valpat_ablation.json")
     args = parser.parse_args(argv)
     quick = {"seeds": [0, 1], "pretrain_images": 128, "pretrain_epochs": 1, "probe_epochs": 1, "ids": 8}
-    full = {"seeds": [0, 1, 2], "pretrain_images": 1536, "pretrain_epochs": 4, "probe_epochs": 3, "ids": 32}
+    full = {"seeds": [0, 1, 2], "pretrain_images": 1024, "pretrain_epochs": 3, "probe_epochs": 2, "ids": 24}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -231,7 +231,7 @@ def test_teacher_enrichment_ignores_other_identities():
 
 
 def test_student_starts_as_the_teacher_and_its_loss_is_the_weighted_sum_of_the_terms(tmp_path):
-    teacher, path = _teacher_file(tmp_path)
+    teacher, path = _teacher_file(tmp_path, support_size=2)  # the student enriches with the teacher's size
     student = _model("student", teacher_ckpt=path, feature_kd_weight=0.5, relation_kd_weight=2.0).eval()
     assert student.image_fusion is None and not any("fusion" in k for k in student.state_dict())
     student.setup("fit")
@@ -241,7 +241,7 @@ def test_student_starts_as_the_teacher_and_its_loss_is_the_weighted_sum_of_the_t
     with pytest.warns(UserWarning, match="self.log"):
         loss = student.training_step(batch, 3)
     # The same loss from its parts, the teacher's support sets redrawn from the step's generator.
-    masks = student.support_masks(batch, student.support_generator(3))
+    masks = teacher.support_masks(batch, student.support_generator(3))
     with torch.no_grad():
         image, text = student.encode_image(batch["image"]), student.encode_text(batch["tokens"])
         rich = teacher.enrich(teacher.encode_image(batch["image"]), teacher.encode_text(batch["tokens"]), *masks)

@@ -71,9 +71,9 @@ def test_triplet_matches_loops(margin, normalize):
     pids = [0, 0, 0, 1, 1, 2, 2, 2, 3]  # pid 3 has no positive: left out
     points = [_norm(f) if normalize else f for f in feats.tolist()]
     if margin is None:
-        loss_of = lambda ap, an: math.log(1 + math.exp(ap - an))  # noqa: E731
+        loss_of = lambda ap, an: math.log(1 + math.exp(ap - an))
     else:
-        loss_of = lambda ap, an: max(0.0, ap - an + margin)  # noqa: E731
+        loss_of = lambda ap, an: max(0.0, ap - an + margin)
     expected = _batch_hard(points, pids, loss_of)
     out = TripletLoss(margin=margin, normalize_features=normalize)(feats, torch.tensor(pids))
     assert [out.loss.item(), out.dist_ap.item(), out.dist_an.item()] == pytest.approx(expected, abs=1e-5)

@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pedlightning.losses.distributed import GlobalBatch, all_gather_nograd, gather_with_grad, global_batch
+from pedlightning.losses.distributed import (
+    GlobalBatch,
+    all_gather_nograd,
+    gather_with_grad,
+    global_batch,
+)
 
 __all__ = ["clip_contrastive", "info_nce", "sdm_loss"]
 
@@ -35,7 +40,7 @@ def _similarities(a: Tensor, b: Tensor, scale: Tensor | float, batch: GlobalBatc
 
 def info_nce(query: Tensor, key: Tensor, queue: Tensor | None = None, temperature: float = 0.07,
              gather: bool = True) -> Tensor:
-    """InfoNCE of MoCo (He et al. 2020, Eq. 1; MoCo v2 defaults T=0.07).
+    """InfoNCE of MoCo (He et al. 2020, Eq. 1; default T=0.07 as MoCo v1, MoCo v2 uses 0.2).
 
     `L = -log exp(q.k+ / T) / (exp(q.k+ / T) + sum_{k- in queue} exp(q.k- / T))`, averaged over queries.
     `query`, `key`: (N, D), row i of `key` is the positive of query i; `queue`: (K, D) negatives. Without a

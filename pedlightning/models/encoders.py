@@ -162,7 +162,7 @@ class ImageEncoder(nn.Module):
             timm_name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs
         )
         if not self.is_vit and last_stride != 2:
-            _set_last_stride(self.model, last_stride, name)
+            set_last_stride(self.model, last_stride, name)
         self.embed_dim: int = self.model.num_features
         self.patch_grid: tuple[int, int] | None = tuple(self.model.patch_embed.grid_size) if self.is_vit else None
         self.num_prefix_tokens: int = self.model.num_prefix_tokens if self.is_vit else 0
@@ -239,7 +239,7 @@ def _model_class(timm_name: str) -> type:
         return type(timm.create_model(timm_name, pretrained=False))
 
 
-def _set_last_stride(model: nn.Module, stride: int, name: str) -> None:
+def set_last_stride(model: nn.Module, stride: int, name: str) -> None:
     """Set the stride of a ResNet's last stage (its first block's strided convs and avg-pool downsample)."""
     stage = getattr(model, "layer4", None)
     if stride != 1 or not isinstance(stage, nn.Sequential):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pedlightning.errors import ConfigError
 from pedlightning.losses import TripletLoss
-from pedlightning.models.encoders import _set_last_stride
+from pedlightning.models.encoders import set_last_stride
 from pedlightning.models.heads import BNNeck
 
 __all__ = ["MGN", "mgn_losses"]
@@ -26,7 +26,8 @@ Pool = Literal["max", "avg"]
 class MGN(nn.Module):
     """MGN on a timm ResNet :class:`~pedlightning.models.encoders.ImageEncoder` (Wang et al. 2018, Sec. 3.1).
 
-    The encoder up to the first block of ``layer3`` is shared. Then three branches each run their own copy of
+    The encoder up to the first block of ``layer3`` is shared; MGN keeps a reference to it, not a copy, and does not
+    register it (the caller owns and moves it, as :class:`~pedlightning.tasks.ReIDModule` does). Then three branches each run their own copy of
     ``layer3[1:]`` and ``layer4``: the global branch (the encoder's own layers, so its keys stay
     ``encoder.model.layer3/4.*`` and a checkpoint's layers go where they were trained), and one branch per entry
     of ``parts`` (2 and 3 horizontal stripes) whose ``layer4`` has stride 1 (the paper: no down-sampling in the
@@ -66,12 +67,13 @@ class MGN(nn.Module):
             raise ConfigError(f"MGN pool must be 'max' or 'avg', got {pool!r}")
         if any(p < 2 for p in parts):
             raise ConfigError(f"MGN part branches need at least 2 stripes each, got parts={list(parts)}")
-        self.encoder = encoder
+        # A reference, not a submodule: the encoder belongs to the task (its keys stay `encoder.model.*`, stored once).
+        object.__setattr__(self, "encoder", encoder)
         self.num_classes, self.reduction_dim, self.parts, self.pool = num_classes, reduction_dim, tuple(parts), pool
         self.part_branches = nn.ModuleList()
         for _ in self.parts:
             branch = nn.Sequential(copy.deepcopy(model.layer3[1:]), copy.deepcopy(model.layer4))
-            _set_last_stride(nn.ModuleDict({"layer4": branch[1]}), 1, "an MGN part branch")
+            set_last_stride(nn.ModuleDict({"layer4": branch[1]}), 1, "an MGN part branch")
             self.part_branches.append(branch)
         channels = encoder.embed_dim
         self.reductions = nn.ModuleList(nn.Linear(channels, reduction_dim, bias=False)

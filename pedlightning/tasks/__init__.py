@@ -5,5 +5,6 @@ from pedlightning.tasks.base import TaskModule
 from pedlightning.tasks.personmae import PersonMAEModule
 from pedlightning.tasks.reid import ReIDModule
 from pedlightning.tasks.text_reid import TextReIDModule
+from pedlightning.tasks.valpat import VALPATModule
 
-__all__ = ["AttributeModule", "PersonMAEModule", "ReIDModule", "TaskModule", "TextReIDModule"]
+__all__ = ["AttributeModule", "PersonMAEModule", "ReIDModule", "TaskModule", "TextReIDModule", "VALPATModule"]

@@ -60,8 +60,9 @@ class LCR2SModule(TextReIDModule):
             (Assumption: its IRRA defaults; the paper's own towers were ResNet-50 and BERT / TextCNN).
         stage: ``teacher`` or ``student``.
         teacher_ckpt: the teacher's checkpoint (a ``stage: teacher`` run); needed to fit a student, not to test it.
-        support_size: support samples per sample; ``None`` = every other sample of its identity in the batch
-            (K - 1), ``0`` = none (a fusion without support: plain self-distillation). Assumption: ``None``.
+        support_size: teacher stage: support samples per sample; ``None`` = every other sample of its identity in
+            the batch (K - 1), ``0`` = none (a fusion without support: plain self-distillation). Assumption:
+            ``None``. A student's teacher enriches with its own ``support_size`` (the one it was trained with).
         fusion_heads, fusion_depth, fusion_mlp_dim, fusion_dropout: :class:`SupportFusion` (Assumption: 8 heads,
             1 layer, MLP 4 x width, no dropout; the paper does not give them).
         single_feature_loss: teacher only: also apply the matching losses to the single (unfused) features.
@@ -161,7 +162,7 @@ class LCR2SModule(TextReIDModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and not self.is_teacher:
-            teacher = self.teacher
+            teacher = self.teacher  # loaded (and checked) now, not at the first training step
             if self.hparams.init_from_teacher:
                 self._init_from(teacher)
 
@@ -195,18 +196,19 @@ class LCR2SModule(TextReIDModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp, pids = self.hparams, batch["pid"]
         images, texts = self.encode_image(batch["image"]), self.encode_text(batch["tokens"])
-        masks = self.support_masks(batch, self.support_generator(batch_idx))
+        generator = self.support_generator(batch_idx)
         single: dict[str, Tensor] = {}
         if self.is_teacher:
-            rich_images, rich_texts = self.enrich(images, texts, *masks)
+            rich_images, rich_texts = self.enrich(images, texts, *self.support_masks(batch, generator))
             losses = self.matching_losses(rich_images, rich_texts, pids)
             if hp.single_feature_loss:
                 single = self.matching_losses(images, texts, pids)
         else:
             teacher = self.teacher
-            with torch.no_grad():
+            with torch.no_grad():  # the teacher's support sets, of the size it was trained with
                 rich_images, rich_texts = teacher.enrich(teacher.encode_image(batch["image"]),
-                                                         teacher.encode_text(batch["tokens"]), *masks)
+                                                         teacher.encode_text(batch["tokens"]),
+                                                         *teacher.support_masks(batch, generator))
             losses = self.matching_losses(images, texts, pids)
             if hp.feature_kd_weight > 0:
                 losses["feature_kd"] = (feature_distillation(images, rich_images, hp.feature_distance)

@@ -27,8 +27,9 @@ WHICH = ("student", "teacher")
 
 def default_prefix(state: dict[str, torch.Tensor], hparams: dict, which: str) -> str:
     """``<encoder>.model.`` of the checkpoint's task, or the momentum teacher's copy of it."""
-    if which == "teacher":
-        return "teacher.module.model."
+    if which == "teacher":  # PersonMAE's EMA teacher, or VAL-PAT's MoCo key encoder
+        key_encoder = "key_encoder.module.encoder.model."
+        return key_encoder if any(k.startswith(key_encoder) for k in state) else "teacher.module.model."
     for key in ENCODER_KEYS:
         if key in hparams or any(k.startswith(f"{key}.model.") for k in state):
             return f"{key}.model."
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="a Lightning checkpoint of a pedlightning module (e.g. PersonMAE)")
     parser.add_argument("output", help="file to write (torch.save of a {key: tensor} dict)")
     parser.add_argument("--which", choices=WHICH, default="student",
-                        help="the trained encoder (student, default) or the momentum teacher")
+                        help="the trained encoder (student, default) or the momentum teacher / key encoder")
     parser.add_argument("--prefix", default=None, help="export the keys under this prefix instead")
     return parser
 
