@@ -42,6 +42,20 @@ demo-valpat: install
 	done
 	@echo; for init in valpat random; do printf '%-7s ' $$init; grep -h "reID test:" runs/valpat_demo/market_$$init.log; done
 
+# LCR2S: support-set teacher -> distilled student -> test, beside the same student without distillation
+# (synthetic CUHK-PEDES with partial captions).
+demo-lcr2s: install
+	$(VENV)/bin/pedlightning fit --config configs/lcr2s/demo_teacher_synthetic.yaml
+	$(VENV)/bin/pedlightning fit --config configs/lcr2s/demo_student_synthetic.yaml
+	$(VENV)/bin/pedlightning fit --config configs/lcr2s/demo_student_synthetic.yaml --model.init_args.feature_kd_weight=0 \
+		--model.init_args.relation_kd_weight=0 --trainer.default_root_dir=runs/demo_lcr2s_student_nokd
+	$(VENV)/bin/pedlightning test --config runs/demo_lcr2s_student/config.yaml --ckpt_path last \
+		> runs/demo_lcr2s_student/test.log 2>&1 || (cat runs/demo_lcr2s_student/test.log; exit 1)
+	$(VENV)/bin/pedlightning test --config runs/demo_lcr2s_student_nokd/config.yaml --ckpt_path last \
+		> runs/demo_lcr2s_student_nokd/test.log 2>&1 || (cat runs/demo_lcr2s_student_nokd/test.log; exit 1)
+	@grep -h "text-to-image test:" runs/demo_lcr2s_student/test.log | sed 's/^/LCR2S student (distilled):     /'
+	@grep -h "text-to-image test:" runs/demo_lcr2s_student_nokd/test.log | sed 's/^/same student, no distillation: /'
+
 test: install
 	$(PY) -m pytest -q
 

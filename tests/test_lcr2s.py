@@ -133,9 +133,9 @@ def test_feature_distillation_by_hand():
     teacher = torch.tensor([[1.0, 0.0], [0.0, -1.0]], requires_grad=True)
     # Normalised: s = (0.6, 0.8), (0, 1); t = (1, 0), (0, -1).
     # mse: ((0.6 - 1)^2 + 0.8^2 + (1 + 1)^2) / 2 = (0.8 + 4) / 2; cosine: ((1 - 0.6) + (1 + 1)) / 2.
-    assert float(feature_distillation(student, teacher, "mse")) == pytest.approx(2.4, abs=1e-6)
+    assert feature_distillation(student, teacher, "mse").item() == pytest.approx(2.4, abs=1e-6)
     loss = feature_distillation(student, teacher, "cosine")
-    assert float(loss) == pytest.approx(1.2, abs=1e-6)
+    assert loss.item() == pytest.approx(1.2, abs=1e-6)
     loss.backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="'mse' or 'cosine'"):
@@ -151,17 +151,17 @@ def test_relation_distillation_by_hand():
     torch.testing.assert_close(similarity_matrix(s_img, s_txt), torch.tensor([[1.0, r], [0.0, r]]))
     # S_student - S_teacher = [[1 - 0, r - 1], [0 - 1, r - 0]]
     frobenius = math.sqrt(1 + (r - 1) ** 2 + 1 + r**2)
-    assert float(relation_distillation(s_img, s_txt, t_img, t_txt, normalize_by_batch=False)) == pytest.approx(
+    assert relation_distillation(s_img, s_txt, t_img, t_txt, normalize_by_batch=False).item() == pytest.approx(
         frobenius, abs=1e-6)
     loss = relation_distillation(s_img.requires_grad_(), s_txt, t_img, t_txt)
-    assert float(loss) == pytest.approx(frobenius / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(frobenius / 2, abs=1e-6)
     loss.backward()
     assert t_img.grad is None and t_txt.grad is None and s_img.grad.abs().sum() > 0
     # Equal matrices: loss 0 with a zero (not NaN) gradient.
     same = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     zero = relation_distillation(same, same, same.detach(), same.detach())
     zero.backward()
-    assert float(zero) == 0 and torch.equal(same.grad, torch.zeros(2, 2))
+    assert zero.item() == 0 and torch.equal(same.grad, torch.zeros(2, 2))
 
 
 # ------------------------------------------------------------------------------------------------ LCR2SModule

@@ -6,6 +6,7 @@ already exact under DDP's gradient averaging when ranks have equal batches.
 
 from pedlightning.losses.attributes import weighted_bce
 from pedlightning.losses.contrastive import clip_contrastive, info_nce, sdm_loss
+from pedlightning.losses.distillation import feature_distillation, relation_distillation, similarity_matrix
 from pedlightning.losses.distributed import (
     GlobalBatch,
     all_gather_nograd,
@@ -22,12 +23,15 @@ __all__ = [
     "TripletOutput",
     "all_gather_nograd",
     "clip_contrastive",
+    "feature_distillation",
     "gather_with_grad",
     "gathered_sizes",
     "global_batch",
     "info_nce",
     "is_distributed",
     "pairwise_euclidean",
+    "relation_distillation",
     "sdm_loss",
+    "similarity_matrix",
     "weighted_bce",
 ]
