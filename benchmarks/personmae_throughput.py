@@ -22,8 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pedlightning.models.encoders import ImageEncoderConfig
-from pedlightning.models.momentum import ema_update_
 from pedlightning.models.masking import forward_visible, visible_indices
+from pedlightning.models.momentum import ema_update_
 from pedlightning.tasks.personmae import PersonMAEModule
 
 

@@ -2,7 +2,11 @@
 
 import pytest
 
-from pedlightning.data.sources import build_attribute_source, build_reid_source, build_text_source
+from pedlightning.data.sources import (
+    build_attribute_source,
+    build_reid_source,
+    build_text_source,
+)
 from pedlightning.data.synthetic import SYNTHETIC_WRITERS
 
 REID = [("market1501", {}, {}), ("dukemtmc", {}, {}), ("occluded_duke", {}, {}),

@@ -23,7 +23,11 @@ from pedlightning.data.synthetic import write_cuhk_pedes
 from pedlightning.data.tokenizer import build_tokenizer
 from pedlightning.errors import CheckpointError, ConfigError
 from pedlightning.losses import sdm_loss
-from pedlightning.losses.distillation import feature_distillation, relation_distillation, similarity_matrix
+from pedlightning.losses.distillation import (
+    feature_distillation,
+    relation_distillation,
+    similarity_matrix,
+)
 from pedlightning.metrics import retrieval_evaluate
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.fusion import FusionBlock, SupportFusion, support_mask

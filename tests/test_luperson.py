@@ -13,9 +13,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from pedlightning.data.datamodules.luperson import LUPersonDataModule
-from pedlightning.data.shards import (EpochLoader, ErrorCounter, ShardStream, batches_per_rank, count_samples,
-                                      sample_key, shard_sizes, write_shards)
-from pedlightning.data.sources.luperson import detect_kind, find_shards, luperson_images, read_image_list
+from pedlightning.data.shards import (
+    EpochLoader,
+    ErrorCounter,
+    ShardStream,
+    batches_per_rank,
+    count_samples,
+    sample_key,
+    shard_sizes,
+    write_shards,
+)
+from pedlightning.data.sources.luperson import (
+    detect_kind,
+    find_shards,
+    luperson_images,
+    read_image_list,
+)
 from pedlightning.data.synthetic import write_luperson_folder, write_luperson_shards
 from pedlightning.errors import ConfigError, DatasetLayoutError
 

@@ -13,14 +13,19 @@ from torch import nn
 
 from pedlightning.data.tokenizer import build_tokenizer
 from pedlightning.errors import CheckpointError, ConfigError
-from pedlightning.models import BNNeck, ImageEncoder, ImageEncoderConfig, load_pretrained
+from pedlightning.models import (
+    BNNeck,
+    ImageEncoder,
+    ImageEncoderConfig,
+    load_pretrained,
+)
+from pedlightning.models.checkpoint import infer_source_grid
 from pedlightning.models.text import (
     CLIP_PRESETS,
     TextEncoder,
     TextEncoderConfig,
     build_clip,
 )
-from pedlightning.models.checkpoint import infer_source_grid
 
 TINY_VIT = dict(depth=2, embed_dim=64, num_heads=2)
 # A timm ViT with CLIP's layout (pre-norm, LayerNorm eps 1e-5, no patch-embed bias) at the tiny CLIP size.

@@ -11,14 +11,32 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pedlightning.data.transforms.regions import RegionPairTransform, region_b_positions, sample_crop
-from pedlightning.models.momentum import MomentumEncoder, ema_update_, momentum_at
+from pedlightning.data.transforms.regions import (
+    RegionPairTransform,
+    region_b_positions,
+    sample_crop,
+)
 from pedlightning.models.encoders import ImageEncoderConfig
-from pedlightning.models.mae_decoder import LearnedPosEmbed2d, RegionDecoder, grid_positions, sincos_pos_embed_2d
-from pedlightning.models.masking import MaskGenerator, block_mask, forward_visible, num_masked_patches, \
-    visible_indices
-from pedlightning.tasks.personmae import PersonMAEModule, normalize_patches, patchify, unpatchify
-
+from pedlightning.models.mae_decoder import (
+    LearnedPosEmbed2d,
+    RegionDecoder,
+    grid_positions,
+    sincos_pos_embed_2d,
+)
+from pedlightning.models.masking import (
+    MaskGenerator,
+    block_mask,
+    forward_visible,
+    num_masked_patches,
+    visible_indices,
+)
+from pedlightning.models.momentum import MomentumEncoder, ema_update_, momentum_at
+from pedlightning.tasks.personmae import (
+    PersonMAEModule,
+    normalize_patches,
+    patchify,
+    unpatchify,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,13 +14,13 @@ import scipy.io
 from pedlightning.data.records import AttributeImage, CaptionedImage, PersonImage
 from pedlightning.data.sources import (
     ATTRIBUTE_SOURCES,
+    CUHKPEDES,
+    ICFGPEDES,
     MSMT17,
     PA100K,
     REID_SOURCES,
     TEXT_SOURCES,
-    CUHKPEDES,
     DukeMTMC,
-    ICFGPEDES,
     Market1501,
     OccludedDuke,
     RSTPReid,

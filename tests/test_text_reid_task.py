@@ -15,10 +15,10 @@ from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDatas
 from pedlightning.data.datamodules.text import TextReIDDataModule
 from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.synthetic import write_cuhk_pedes, write_icfg_pedes
+from pedlightning.data.tokenizer import build_tokenizer
 from pedlightning.data.transforms import build_test_transform
 from pedlightning.errors import ConfigError
 from pedlightning.metrics import retrieval_evaluate
-from pedlightning.data.tokenizer import build_tokenizer
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.text import CLIP_PRESETS, TextEncoderConfig, build_clip
 from pedlightning.tasks.text_reid import TextReIDModule

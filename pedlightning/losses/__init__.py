@@ -6,7 +6,11 @@ already exact under DDP's gradient averaging when ranks have equal batches.
 
 from pedlightning.losses.attributes import weighted_bce
 from pedlightning.losses.contrastive import clip_contrastive, info_nce, sdm_loss
-from pedlightning.losses.distillation import feature_distillation, relation_distillation, similarity_matrix
+from pedlightning.losses.distillation import (
+    feature_distillation,
+    relation_distillation,
+    similarity_matrix,
+)
 from pedlightning.losses.distributed import (
     GlobalBatch,
     all_gather_nograd,

@@ -171,7 +171,10 @@ class ImageEncoder(nn.Module):
 
     def _build_open_clip(self, config: str, img_size: tuple[int, int], stride_size: int | None,
                          drop_path_rate: float, pretrained: str | None, model_cfg: dict | None) -> None:
-        from pedlightning.models.text import build_visual_tower, load_clip_pretrained  # open_clip imports slowly
+        from pedlightning.models.text import (  # open_clip imports slowly
+            build_visual_tower,
+            load_clip_pretrained,
+        )
 
         if stride_size is not None:
             raise ConfigError(f"stride_size applies to timm ViTs only, not to the open_clip tower {config!r}")

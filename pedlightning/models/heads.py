@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["BNNeck"]
+__all__ = ["AttributeHead", "BNNeck"]
 
 
 class BNNeck(nn.Module):
@@ -31,3 +31,16 @@ class BNNeck(nn.Module):
     def forward(self, feat: Tensor) -> tuple[Tensor, Tensor]:
         bn_feat = self.bn(feat)
         return bn_feat, self.classifier(bn_feat)
+
+
+class AttributeHead(nn.Module):
+    """One logit per attribute from the pooled feature: Linear then BatchNorm1d (Jia et al.'s classifier)."""
+
+    def __init__(self, in_dim: int, num_attributes: int):
+        super().__init__()
+        self.num_attributes = num_attributes
+        self.fc = nn.Linear(in_dim, num_attributes)
+        self.bn = nn.BatchNorm1d(num_attributes)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.bn(self.fc(feats))

@@ -7,28 +7,15 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
 from pedlightning.data.sources.base import format_table
 from pedlightning.errors import ConfigError
 from pedlightning.losses import weighted_bce
 from pedlightning.metrics import AttributeMetric
 from pedlightning.models.encoders import ImageEncoderConfig
+from pedlightning.models.heads import AttributeHead
 from pedlightning.optim import Schedule
 from pedlightning.tasks.base import TaskModule
-
-
-class AttributeHead(nn.Module):
-    """One logit per attribute from the pooled feature: Linear then BatchNorm1d (Jia et al.'s classifier)."""
-
-    def __init__(self, in_dim: int, num_attributes: int):
-        super().__init__()
-        self.num_attributes = num_attributes
-        self.fc = nn.Linear(in_dim, num_attributes)
-        self.bn = nn.BatchNorm1d(num_attributes)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.fc(feats))
 
 
 class AttributeModule(TaskModule):

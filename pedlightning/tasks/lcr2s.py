@@ -13,7 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from pedlightning.errors import CheckpointError, ConfigError
-from pedlightning.losses.distillation import FeatureDistance, feature_distillation, relation_distillation
+from pedlightning.losses.distillation import (
+    FeatureDistance,
+    feature_distillation,
+    relation_distillation,
+)
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.fusion import SupportFusion, support_mask
 from pedlightning.models.text import TextEncoderConfig

@@ -18,10 +18,20 @@ from torch import nn
 
 from pedlightning.data.transforms.regions import region_b_positions
 from pedlightning.errors import ConfigError
-from pedlightning.models.momentum import MomentumEncoder, MomentumSchedule
 from pedlightning.models.encoders import ImageEncoderConfig
-from pedlightning.models.mae_decoder import PosEmbedType, RegionDecoder, grid_positions, sincos_pos_embed_2d
-from pedlightning.models.masking import MaskGenerator, MaskType, forward_visible, visible_indices
+from pedlightning.models.mae_decoder import (
+    PosEmbedType,
+    RegionDecoder,
+    grid_positions,
+    sincos_pos_embed_2d,
+)
+from pedlightning.models.masking import (
+    MaskGenerator,
+    MaskType,
+    forward_visible,
+    visible_indices,
+)
+from pedlightning.models.momentum import MomentumEncoder, MomentumSchedule
 from pedlightning.optim import Schedule
 from pedlightning.tasks.base import TaskModule, encoder_config
 

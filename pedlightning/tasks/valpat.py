@@ -33,6 +33,7 @@ from pedlightning.losses import (
     weighted_bce,
 )
 from pedlightning.models.encoders import ImageEncoderConfig, config_from
+from pedlightning.models.heads import AttributeHead
 from pedlightning.models.moco import (
     EncoderWithProjection,
     MoCoQueue,
@@ -44,7 +45,6 @@ from pedlightning.models.moco import (
 from pedlightning.models.momentum import MomentumEncoder
 from pedlightning.models.text import TextEncoder, TextEncoderConfig
 from pedlightning.optim import Schedule
-from pedlightning.tasks.attributes import AttributeHead
 from pedlightning.tasks.base import TaskModule
 
 __all__ = ["VALPATModule"]
