@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from pedlightning.data.datamodules import ReIDDataModule
 from pedlightning.data.spec import DataSpec
@@ -114,3 +115,17 @@ def test_dataclass_hyper_parameters_are_stored_as_plain_dicts():
     rebuilt = ReIDModule(**{k: v for k, v in model.hparams.items()})
     assert rebuilt.encoder.embed_dim == model.encoder.embed_dim
     assert TaskModule.build_image_encoder(model.hparams.encoder, drop_path_rate=0.0).embed_dim == 128
+
+
+def test_a_command_line_null_checkpoint_means_none(capsys):
+    """jsonargparse turns `--model.init_args.encoder.pretrained=null` into "None"; the configs read it as no file."""
+    from pedlightning.cli import main
+    from pedlightning.models.text import TextEncoderConfig
+
+    assert ImageEncoderConfig(pretrained="None").pretrained is None
+    assert TextEncoderConfig(pretrained="null").pretrained is None
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/demo/reid_market_synthetic.yaml", "--model.init_args.encoder.pretrained=null",
+              "--print_config"])
+    encoder = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["encoder"]
+    assert ImageEncoderConfig(**encoder).pretrained is None  # what the model is built from

@@ -51,6 +51,13 @@ class ImageEncoderConfig:
         if len(size) != 2:
             raise ConfigError(f"img_size must be (height, width), got {self.img_size!r}")
         self.img_size = (int(size[0]), int(size[1]))
+        self.pretrained = no_checkpoint_as_none(self.pretrained)
+
+
+def no_checkpoint_as_none(path: str | None) -> str | None:
+    """``None`` for "no checkpoint": jsonargparse (4.53) turns a command-line ``...pretrained=null`` of a nested
+    dataclass field into the string ``"None"``, which would otherwise be read as a file name."""
+    return None if path in (None, "", "None", "null") else path
 
 
 _Config = TypeVar("_Config")

@@ -30,7 +30,7 @@ from pedlightning.models.checkpoint import (
     read_state_dict,
     select_prefix,
 )
-from pedlightning.models.encoders import config_from
+from pedlightning.models.encoders import config_from, no_checkpoint_as_none
 
 __all__ = [
     "CLIP_PRESETS",
@@ -195,6 +195,9 @@ class TextEncoderConfig:
     context_length: int = 77
     pretrained: str | None = None
     model_cfg: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.pretrained = no_checkpoint_as_none(self.pretrained)
 
 
 class TextEncoder(nn.Module):

@@ -83,7 +83,7 @@ class LCR2SModule(TextReIDModule):
     """
 
     def __init__(self, image_encoder: ImageEncoderConfig = ImageEncoderConfig(
-                     name="open_clip:ViT-B-16", img_size=(384, 128)),
+                     name="open_clip:ViT-B-16", img_size=(384, 128), drop_path_rate=0.0),
                  text_encoder: TextEncoderConfig = TextEncoderConfig(), stage: Stage = "teacher",
                  teacher_ckpt: str | None = None, support_size: int | None = None, fusion_heads: int = 8,
                  fusion_depth: int = 1, fusion_mlp_dim: int | None = None, fusion_dropout: float = 0.0,
