@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from paired import interval  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
 
 from pedlightning.data.datamodules.text import TextReIDDataModule  # noqa: E402
 from pedlightning.data.synthetic import write_cuhk_pedes  # noqa: E402
@@ -46,7 +46,6 @@ from pedlightning.tasks.text_reid import TextReIDModule  # noqa: E402
 
 SIZE = (64, 32)
 #: two-sided 95% Student-t quantiles by degrees of freedom.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 DIFFS = (("b", "a"), ("b", "c"), ("b", "f"), ("b", "d"), ("b", "e"))
 NAMES = {"a": "SDM+ID baseline", "b": "LCR2S student", "c": "self-distilled (teacher w/o support)",
          "d": "feature KD only", "e": "relation KD only", "f": "teacher init, no KD",
@@ -122,13 +121,6 @@ def run_seed(seed: int, root: str, args: argparse.Namespace, workdir: str) -> di
     _fit(baseline, root, args, seed, args.teacher_epochs + args.student_epochs, workdir)
     out["a"] = _test(baseline, root, args, seed, workdir)
     return out
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided 95% t-interval."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    return mean, (T975[min(n - 1, 10)] * statistics.stdev(values) / math.sqrt(n)) if n > 1 else float("nan")
 
 
 def summarise(runs: dict[int, dict[str, dict[str, float]]]) -> tuple[str, dict]:

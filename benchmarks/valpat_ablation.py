@@ -30,7 +30,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from paired import interval  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
 
 from pedlightning.data.datamodules import (  # noqa: E402
     AttributeDataModule,
@@ -70,7 +70,6 @@ METRICS = ("market_mAP", "occduke_mAP", "pa100k_mA", "cuhk_R1")
 DIFFS = (("SSL", "random"), ("SSL+ITC", "SSL"), ("SSL+ATTR", "SSL"), ("SSL+ITC+ATTR", "SSL+ITC"),
          ("SSL+ITC+ATTR", "SSL+ATTR"))
 #: two-sided 95% Student-t quantiles by degrees of freedom.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def _trainer(epochs: int, workdir: str, **kwargs) -> L.Trainer:
@@ -169,12 +168,6 @@ def write_data(root: str, args: argparse.Namespace) -> dict[str, str]:
         if not os.path.isdir(roots[name]):
             write(roots[name])
     return roots
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided 95% t-interval."""
-    n, mean = len(values), statistics.fmean(values)
-    return mean, (T975[min(n - 1, 10)] * statistics.stdev(values) / math.sqrt(n)) if n > 1 else float("nan")
 
 
 def summarise(runs: dict[int, dict[str, dict[str, float]]]) -> tuple[str, dict]:

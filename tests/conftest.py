@@ -27,3 +27,15 @@ def _plain_argv(monkeypatch):
     import sys
 
     monkeypatch.setattr(sys, "argv", ["pedlightning"])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine were 30x slower here.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,7 @@ KWARGS = {"layers": [1, 1, 2, 1]}
 SIZE = (64, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _encoder(last_stride: int = 2, pretrained: str | None = None) -> ImageEncoder:

@@ -38,14 +38,7 @@ from pedlightning.tasks.personmae import (
     unpatchify,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine were 30x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GRID = (16, 8)  # 256 x 128 input, 16-pixel patches
