@@ -1,6 +1,5 @@
 """AttributeModule and AttributeDataModule: losses fall, wiring of the positive ratio, protocol switch, CLI run."""
 
-import csv
 import glob
 import os
 
@@ -17,6 +16,7 @@ from pedlightning.losses import weighted_bce
 from pedlightning.metrics import attribute_metrics
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.tasks.attributes import AttributeModule
+from tests.support.results import logged_test_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs/attributes/demo_synthetic.yaml")
@@ -117,13 +117,6 @@ def test_without_num_attributes_or_datamodule_is_a_config_error(tmp_path, pa100k
         _model(num_attributes=26, positive_ratio=[0.5, 0.5, 0.5])
 
 
-def _metrics_csv(run_dir) -> dict[str, float]:
-    (path,) = glob.glob(os.path.join(run_dir, "csv", "**", "metrics.csv"), recursive=True)
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
-
-
 def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
     """`pedlightning fit` / `test` with the demo config; the logged test metrics equal attribute_metrics computed
     from the checkpoint's predictions outside Lightning."""
@@ -137,7 +130,7 @@ def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
     assert state["hyper_parameters"]["num_attributes"] == 26
     main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}",
           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run / 'csv'}"])
-    logged = _metrics_csv(run)
+    logged = logged_test_metrics(run / "csv")
 
     model = AttributeModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     data = _data(pa100k)

@@ -4,7 +4,6 @@ the CLI chain teacher -> student -> test, and every config."""
 
 from __future__ import annotations
 
-import csv
 import functools
 import glob
 import math
@@ -28,11 +27,11 @@ from pedlightning.losses.distillation import (
     relation_distillation,
     similarity_matrix,
 )
-from pedlightning.metrics import retrieval_evaluate
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.fusion import FusionBlock, SupportFusion, support_mask
 from pedlightning.models.text import TextEncoderConfig
 from pedlightning.tasks.lcr2s import LCR2SModule
+from tests.support.results import logged_test_metrics, text_to_image_on_test_split
 
 # ----------------------------------------------------------------------------------------------- support sets
 
@@ -332,13 +331,6 @@ def test_two_process_fit_of_each_stage(tmp_path, cuhk):
     assert all(torch.equal(v, again[k]) for k, v in ckpt["state_dict"].items())
 
 
-def _metrics_csv(save_dir) -> dict[str, float]:
-    (path,) = glob.glob(os.path.join(save_dir, "**", "metrics.csv"), recursive=True)
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
-
-
 def test_cli_chain_teacher_student_test(tmp_path, cuhk):
     """`pedlightning fit` teacher, `fit` student, `test` the student from its saved config with the teacher file
     deleted: the numbers equal retrieval_evaluate on the student's single-input features outside Lightning."""
@@ -362,19 +354,13 @@ def test_cli_chain_teacher_student_test(tmp_path, cuhk):
     os.remove(teacher_ckpt)  # test and inference need the student alone
     main(["test", "--config", str(student_run / "config.yaml"), f"--ckpt_path={ckpt}",
           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={student_run / 'csv'}"])
-    logged = _metrics_csv(student_run / "csv")
+    logged = logged_test_metrics(student_run / "csv")
     assert os.listdir(student_run / "ranklists")
 
     model = LCR2SModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     data = _data(cuhk)
     data.setup("test")
-    batches = list(data.test_dataloader())
-    queries = data.test_dataloader().dataset.parts[0]
-    with torch.no_grad():
-        text = torch.cat([model.encode_text(b["tokens"]) for b in batches if b["part"][0] == 0])
-        images = torch.cat([model.encode_image(b["image"]) for b in batches if b["part"][0] == 1])
-    expected = retrieval_evaluate(text, images, torch.tensor(queries.pids),
-                                  torch.tensor([r.pid for r in data.source.test]))
+    expected = text_to_image_on_test_split(model, data)
     assert expected["num_valid_queries"] == 32
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert logged[f"test/{key}"] == pytest.approx(expected[key], abs=1e-6), key

@@ -1,7 +1,6 @@
 """TextReIDModule and TextReIDDataModule: each loss falls, caption datasets, model selection, ICFG's missing val
 split, identity batches, CLI fit + test with numbers checked outside Lightning, config consistency."""
 
-import csv
 import glob
 import os
 
@@ -18,10 +17,10 @@ from pedlightning.data.synthetic import write_cuhk_pedes, write_icfg_pedes
 from pedlightning.data.tokenizer import build_tokenizer
 from pedlightning.data.transforms import build_test_transform
 from pedlightning.errors import ConfigError
-from pedlightning.metrics import retrieval_evaluate
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.text import CLIP_PRESETS, TextEncoderConfig, build_clip
 from pedlightning.tasks.text_reid import TextReIDModule
+from tests.support.results import logged_test_metrics, text_to_image_on_test_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs/text_reid/demo_synthetic.yaml")
@@ -181,13 +180,6 @@ def test_mismatched_image_size_is_a_config_error(tmp_path, cuhk):
         _trainer(tmp_path, fast_dev_run=True).fit(model, _data(cuhk))
 
 
-def _metrics_csv(run_dir) -> dict[str, float]:
-    (path,) = glob.glob(os.path.join(run_dir, "csv", "**", "metrics.csv"), recursive=True)
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
-
-
 def test_cli_fit_then_test_of_the_demo_config(tmp_path, cuhk):
     """`pedlightning fit` / `test` with the demo config; the logged test metrics equal retrieval_evaluate on the
     checkpoint's features computed outside Lightning, and rank lists of caption queries are drawn."""
@@ -202,19 +194,13 @@ def test_cli_fit_then_test_of_the_demo_config(tmp_path, cuhk):
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["num_classes"] == 8
     main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}",
           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run / 'csv'}"])
-    logged = _metrics_csv(run)
+    logged = logged_test_metrics(run / "csv")
     assert sorted(os.listdir(run / "ranklists")) == ["ranklist_000.png"]
 
     model = TextReIDModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     data = _data(cuhk)
     data.setup("test")
-    batches = list(data.test_dataloader())
-    queries = data.test_dataloader().dataset.parts[0]
-    with torch.no_grad():
-        text = torch.cat([model.encode_text(b["tokens"]) for b in batches if b["part"][0] == 0])
-        images = torch.cat([model.encode_image(b["image"]) for b in batches if b["part"][0] == 1])
-    pids = torch.tensor([r.pid for r in data.source.test])
-    expected = retrieval_evaluate(text, images, torch.tensor(queries.pids), pids)
+    expected = text_to_image_on_test_split(model, data)
     assert expected["num_valid_queries"] == 20
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert logged[f"test/{key}"] == pytest.approx(expected[key], abs=1e-6), key
