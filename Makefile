@@ -10,7 +10,7 @@ export UV_PYTHON_DOWNLOADS := never
 install: $(VENV)/.installed
 
 # uv, not pip: pip here prefers a local CPU-only torch wheel that the registry's torchvision cannot load
-# next to (see NOTES.md). Versions are pinned in constraints.txt.
+# next to. Versions are pinned in constraints.txt.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	uv venv -q --allow-existing --python "$$(command -v $(PYTHON))" $(VENV)

@@ -3,7 +3,7 @@
 Writing: :func:`write_shards` packs image files into ``shard-000000.tar`` ... (original bytes, no re-encoding)
 plus a ``shards.json`` manifest with the sample count of every shard.
 
-Reading (:class:`ShardStream` + :class:`EpochLoader`), with the pitfalls of NOTES.md designed out:
+Reading (:class:`ShardStream` + :class:`EpochLoader`), with the known pitfalls of webdataset designed out:
 
 - ``split`` mode (default): every epoch all ranks shuffle the shard list with the same seed and epoch,
   then rank ``r`` takes ``shards[r::world]`` (the slicing of ``wds.split_by_node``) and worker ``w`` of it

@@ -232,7 +232,7 @@ class SampleMetric(Metric):
     """A Metric that keeps every sample (cat states) keyed by its dataset index.
 
     DistributedSampler pads the dataset with repeated samples so every rank gets the same count; sum states would
-    count those twice (NOTES.md: mA 0.500634 vs 0.50052). Gathering the samples with their index lets `samples()`
+    count those twice (measured: mA 0.500634 vs 0.50052). Gathering the samples with their index lets `samples()`
     keep each one exactly once, in index order, so 1 and N processes see identical inputs. `forward` only
     accumulates: a ranking metric of a single batch is meaningless.
     """

@@ -3,7 +3,7 @@
 The views follow MoCo v2's augmentation (Chen et al. 2020, "Improved Baselines with Momentum Contrastive
 Learning", the ``aug_plus`` recipe): random resized crop (scale 0.2-1), colour jitter (0.4, 0.4, 0.4, 0.1)
 with probability 0.8, grayscale with probability 0.2, Gaussian blur (sigma 0.1-2) with probability 0.5,
-horizontal flip. VAL-PAT (PAPERS.md section 1) pre-trains like LUP (Fu et al., CVPR 2021, MoCo v2 on
+horizontal flip. VAL-PAT (arXiv 2304.05554) pre-trains like LUP (Fu et al., CVPR 2021, MoCo v2 on
 LUPerson) but publishes no augmentation details.
 
 Assumption: the crop's aspect ratio is drawn relative to the image's (:func:`~.regions.sample_crop`), so a
