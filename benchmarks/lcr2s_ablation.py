@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from paired import interval  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
+from paired import summarise  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
 
 from pedlightning.data.datamodules.text import TextReIDDataModule  # noqa: E402
 from pedlightning.data.synthetic import write_cuhk_pedes  # noqa: E402
@@ -123,27 +122,6 @@ def run_seed(seed: int, root: str, args: argparse.Namespace, workdir: str) -> di
     return out
 
 
-def summarise(runs: dict[int, dict[str, dict[str, float]]]) -> tuple[str, dict]:
-    seeds = sorted(runs)
-    lines = ["| arm | R1 mean ± std | mAP mean ± std |", "|---|---|---|"]
-    summary: dict = {"arms": {}, "differences": {}}
-    for arm in ("a", "b", "c", "d", "e", "f", "T"):
-        r1, ap = ([runs[s][arm][k] for s in seeds] for k in ("rank1", "mAP"))
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        lines.append(f"| {arm} {NAMES[arm]} | {100 * statistics.fmean(r1):.2f} ± {100 * sd(r1):.2f} | "
-                     f"{100 * statistics.fmean(ap):.2f} ± {100 * sd(ap):.2f} |")
-        summary["arms"][arm] = {"rank1": r1, "mAP": ap}
-    lines += ["", "| paired difference | ΔR1 [95% CI] | ΔmAP [95% CI] |", "|---|---|---|"]
-    for x, y in DIFFS:
-        cells = []
-        for key in ("rank1", "mAP"):
-            mean, half = interval([runs[s][x][key] - runs[s][y][key] for s in seeds])
-            cells.append(f"{100 * mean:+.2f} [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]")
-            summary["differences"][f"{x}-{y}/{key}"] = {"mean": mean, "half_width": half}
-        lines.append(f"| {x} - {y} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines), summary
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, tiny data, 2 + 2 epochs (a smoke run)")
@@ -174,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             runs[seed] = run_seed(seed, root, args, tmp)
             print(f"seed {seed} done after {time.time() - start:.0f} s: {json.dumps(runs[seed])}", flush=True)
-    table, summary = summarise(runs)
+    table, summary = summarise(runs, ("a", "b", "c", "d", "e", "f", "T"), ("rank1", "mAP"), DIFFS, NAMES)
     elapsed = time.time() - start
     print(f"\nLCR2S ablation, synthetic CUHK-PEDES with partial captions ({args.train_ids} training ids x "
           f"{args.num_instances} images, P x K = {args.batch_size // args.num_instances} x {args.num_instances}, "

@@ -31,7 +31,6 @@ import functools
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from paired import interval  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
+from paired import summarise  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
 
 from pedlightning.data.datamodules import (  # noqa: E402
     AttributeDataModule,
@@ -170,28 +169,6 @@ def write_data(root: str, args: argparse.Namespace) -> dict[str, str]:
     return roots
 
 
-def summarise(runs: dict[int, dict[str, dict[str, float]]]) -> tuple[str, dict]:
-    seeds = sorted(runs)
-    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
-    lines = ["| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    summary: dict = {"arms": {}, "differences": {}}
-    for arm in ARMS:
-        values = {m: [runs[s][arm][m] for s in seeds] for m in METRICS}
-        summary["arms"][arm] = values
-        lines.append(f"| {arm} | " + " | ".join(f"{100 * statistics.fmean(v):.2f} ± {100 * sd(v):.2f}"
-                                              for v in values.values()) + " |")
-    lines += ["", "| paired difference | " + " | ".join(f"Δ{m} [95% CI]" for m in METRICS) + " |",
-              "|---" * (len(METRICS) + 1) + "|"]
-    for x, y in DIFFS:
-        cells = []
-        for m in METRICS:
-            mean, half = interval([runs[s][x][m] - runs[s][y][m] for s in seeds])
-            cells.append(f"{100 * mean:+.2f} [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]")
-            summary["differences"][f"{x} - {y}/{m}"] = {"mean": mean, "half_width": half}
-        lines.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), summary
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, tiny data, 1 epoch each (a smoke run)")
@@ -227,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[seed][arm] = evaluate(ckpt, has_text, seed, args, roots, tmp)
                 print(f"seed {seed} {arm} after {time.time() - start:.0f} s: {json.dumps(runs[seed][arm])}",
                       flush=True)
-    table, summary = summarise(runs)
+    table, summary = summarise(runs, ARMS, METRICS, DIFFS)
     elapsed = time.time() - start
     print(f"\nVAL-PAT ablation, synthetic data ({args.pretrain_images} LUPerson-TA images x {args.pretrain_epochs} "
           f"pre-training epochs per arm, frozen-feature evaluation, {args.ids} test ids per set, seeds {args.seeds}), "
