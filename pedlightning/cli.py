@@ -18,6 +18,8 @@ TOOLS: dict[str, str] = {
     "synth": "pedlightning.data.synthetic.__main__:main",
     "make-shards": "pedlightning.tools.make_shards:main",
     "export-encoder": "pedlightning.tools.export_encoder:main",
+    "extract": "pedlightning.tools.extract:main",
+    "export-onnx": "pedlightning.tools.export_onnx:main",
 }
 
 

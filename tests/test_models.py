@@ -505,3 +505,92 @@ def test_text_search_checkpoint_loads_both_clip_towers(tmp_path):
         ImageEncoder("open_clip:clip_tiny_test", img_size=(64, 32),
                      pretrained=_task_checkpoint(tmp_path, ImageEncoder("vit_tiny_test", img_size=(64, 32)), None,
                                                  "encoder", "reid.ckpt"))
+
+
+# ----------------------------------------------------------------- weights by name, from a local cache
+def _hub_file(hf_home, repo: str, filename: str, state: dict) -> None:
+    """`state` as `filename` of `repo` in a Hugging Face hub cache under `hf_home` (the layout huggingface_hub
+    writes: refs/main names the snapshot that holds the file)."""
+    from safetensors.torch import save_file
+
+    folder = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
+    snapshot = folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / filename))
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return tmp_path / "hf"
+
+
+def test_timm_weights_by_name_from_the_hub_cache(hf_home):
+    torch.manual_seed(0)
+    published = timm.create_model("resnet10t", pretrained=False).state_dict()  # with its 1000-class fc
+    _hub_file(hf_home, "timm/resnet10t.c3_in1k", "model.safetensors", published)
+    for spec in ("timm:resnet10t.c3_in1k", "timm:resnet10t"):  # without a tag: timm's default tag
+        encoder = ImageEncoder("resnet10t", (64, 32), last_stride=2, pretrained=spec)
+        report = encoder.pretrained_report
+        assert report.path.endswith("model.safetensors") and sorted(report.unexpected) == ["fc.bias", "fc.weight"]
+        assert not report.missing and not report.skipped
+        assert all(torch.equal(v, published[k]) for k, v in encoder.model.state_dict().items())
+
+
+def test_open_clip_weights_by_name_from_the_hub_cache(hf_home):
+    # The tiny CLIP's weights stored under ViT-B-16/openai's name: what is tested is finding the file offline.
+    clip, _ = build_clip("clip_tiny_test", image_size=(64, 32))
+    _hub_file(hf_home, "timm/vit_base_patch16_clip_224.openai", "open_clip_model.safetensors", clip.state_dict())
+    text = TextEncoder("clip_tiny_test", pretrained="open_clip:ViT-B-16/openai")
+    assert not text.pretrained_report.missing
+    assert torch.equal(text.model.token_embedding.weight, clip.token_embedding.weight)
+    image = ImageEncoder("open_clip:clip_tiny_test", (64, 32), drop_path_rate=0.0,
+                         pretrained="open_clip:ViT-B-16/openai")
+    assert torch.equal(image.model.conv1.weight, clip.visual.conv1.weight)
+
+
+def test_weights_missing_from_the_cache_say_what_to_download(hf_home):
+    hub = str(hf_home / "hub")
+    with pytest.raises(CheckpointError) as err:
+        ImageEncoder("vit_tiny_test", (64, 32), pretrained="timm:vit_base_patch16_224.augreg_in21k_ft_in1k")
+    message = str(err.value)
+    assert "hf download timm/vit_base_patch16_224.augreg_in21k_ft_in1k model.safetensors" in message
+    assert hub in message and "never downloads" in message
+    with pytest.raises(CheckpointError, match=r"hf download timm/vit_base_patch16_clip_224.openai "
+                                              r"open_clip_model.safetensors.*"):
+        TextEncoder("clip_tiny_test", pretrained="open_clip:ViT-B-16/openai")
+    with pytest.raises(CheckpointError, match=r"Invalid pretrained tag.*timm:resnet10t.c3_in1k"):
+        ImageEncoder("resnet10t", (64, 32), pretrained="timm:resnet10t.no_such_tag")
+    with pytest.raises(CheckpointError, match=r"open_clip:<model>/<tag>.*open_clip:ViT-B-16/openai"):
+        TextEncoder("clip_tiny_test", pretrained="open_clip:ViT-B-16")
+
+
+# ----------------------------------------------------------------- from-scratch warning
+@pytest.mark.parametrize("config, synthetic, warns", [
+    (ImageEncoderConfig("vit_base_patch16_224"), False, True),
+    (ImageEncoderConfig("resnet50", pretrained="timm:resnet50.tv_in1k"), False, False),
+    (ImageEncoderConfig("resnet50"), True, False),
+    (ImageEncoderConfig("resnet_tiny_test"), False, False),
+    (ImageEncoderConfig("open_clip:clip_tiny_test"), False, False),
+    (TextEncoderConfig("ViT-B-16"), False, True),
+])
+def test_warn_if_untrained(monkeypatch, config, synthetic, warns):
+    import warnings
+
+    from pedlightning.models import encoders
+
+    monkeypatch.setattr(encoders, "_warned_untrained", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = encoders.warn_if_untrained(config, "market1501 at data/market1501", synthetic=synthetic)
+        again = encoders.warn_if_untrained(config, "market1501 at data/market1501", synthetic=synthetic)
+    assert (first, again) == (warns, False)
+    assert len(caught) == int(warns)
+    if warns:
+        text = str(caught[0].message)
+        assert f"encoder {config.name!r}" in text and "FROM RANDOM INITIALISATION on market1501 at data/market1501" \
+            in text
+        assert encoders.SUGGESTED_WEIGHTS[config.name] in text

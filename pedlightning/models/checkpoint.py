@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import zipfile
 from collections import Counter
@@ -32,9 +33,11 @@ __all__ = [
     "find_prefix",
     "infer_source_grid",
     "is_torchscript",
+    "hub_cache_dir",
     "load_pretrained",
     "read_state_dict",
     "resample_pos_embed",
+    "resolve_pretrained",
     "select_prefix",
 ]
 
@@ -53,6 +56,9 @@ _KNOWN_PREFIXES = (
     "", "encoder.model.", "image_encoder.model.", "text_encoder.model.", "visual.", "model.", "encoder.",
     "backbone.", "visual.trunk.",
 )
+#: `pretrained:` values with these prefixes name published weights, found in the local caches (never downloaded).
+TIMM_WEIGHTS = "timm:"
+OPEN_CLIP_WEIGHTS = "open_clip:"
 # A model's position-embedding layout: (token grid (h, w), number of leading prefix positions (CLS) outside it).
 PosEmbedSpec = tuple[tuple[int, int], int]
 
@@ -94,14 +100,21 @@ class LoadReport:
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a checkpoint file into a flat `{key: tensor}` dict without running pickled code.
 
-    Regular files are read with `torch.load(weights_only=True)`. TorchScript archives (OpenAI's original CLIP
-    `.pt` files) are read with `torch.jit.load`, which restores TorchScript code and tensors but never
-    unpickles arbitrary Python objects. Containers (`state_dict`, `model`) are unwrapped, and the `module.`
+    Regular files are read with `torch.load(weights_only=True)`, `.safetensors` files (the Hugging Face hub's)
+    with safetensors. TorchScript archives (OpenAI's original CLIP `.pt` files) are read with `torch.jit.load`,
+    which restores TorchScript code and tensors but never unpickles arbitrary Python objects. Containers (`state_dict`, `model`) are unwrapped, and the `module.`
     (DDP) and `_orig_mod.` (torch.compile) wrapper segments are removed.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":  # the format of the Hugging Face hub (timm, open_clip); holds tensors only
+        from safetensors.torch import load_file
+
+        try:
+            return _flatten(load_file(str(path)), path)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"Cannot read safetensors file {path}: {err}") from err
     if is_torchscript(path):
         _logger.info("%s is a TorchScript archive (e.g. OpenAI CLIP); reading it with torch.jit.load", path)
         try:
@@ -126,6 +139,116 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                 f"Cannot read {path} as a PyTorch checkpoint (not written by torch.save, or truncated): {reason}"
             ) from err
     return _flatten(obj, path)
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache as the environment says now: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+    huggingface_hub's default (`~/.cache/huggingface/hub`)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def resolve_pretrained(spec: str | Path) -> str:
+    """The local file a `pretrained:` value names. Nothing is downloaded.
+
+    - a path: returned as it is;
+    - `timm:<model>.<tag>` (e.g. `timm:vit_base_patch16_224.augreg_in21k_ft_in1k`; without `.<tag>`, timm's
+      default tag): timm's published weights, from the Hugging Face hub cache
+      (`<hub cache>/models--timm--<model>.<tag>`, file `model.safetensors` or `pytorch_model.bin`), else from
+      torch hub's `checkpoints/` folder for weights timm still takes from a URL;
+    - `open_clip:<model>/<tag>` (e.g. `open_clip:ViT-B-16/openai`): open_clip's published weights, from the hub
+      cache (`open_clip_model.safetensors` or `open_clip_pytorch_model.bin`), else OpenAI's `.pt` in `~/.cache/clip`.
+
+    Weights absent from the cache raise a `CheckpointError` naming the repository, the file, the cache folder and
+    the `hf download` command that fetches them on a machine with internet access.
+    """
+    spec = str(spec)
+    if spec.startswith(TIMM_WEIGHTS):
+        return _timm_weights(spec[len(TIMM_WEIGHTS):], spec)
+    if spec.startswith(OPEN_CLIP_WEIGHTS):
+        return _open_clip_weights(spec[len(OPEN_CLIP_WEIGHTS):], spec)
+    return spec
+
+
+def _from_hub_cache(repo: str, filenames: list[str]) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir())
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _not_cached(spec: str, repo: str | None, filenames: list[str], url_file: str | None) -> CheckpointError:
+    where = []
+    if repo:
+        where.append(f"{' or '.join(filenames)} of the Hugging Face repository {repo} in the hub cache "
+                     f"{hub_cache_dir()}")
+    if url_file:
+        where.append(url_file)
+    fetch = (f"`hf download {repo} {filenames[0]}` (huggingface_hub's CLI; older versions: `huggingface-cli "
+             f"download ...`), which stores it in that cache; copy the cache folder here or point HF_HOME / "
+             f"HF_HUB_CACHE at it" if repo else f"the file to {url_file}")
+    return CheckpointError(f"pretrained {spec!r} is not on this machine: looked for {' and for '.join(where)}. "
+                           f"pedlightning never downloads weights; on a machine with internet access fetch {fetch}")
+
+
+def _timm_weights(name: str, spec: str) -> str:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as err:  # a known model with an unknown tag
+        cfg, reason = None, str(err)
+    else:
+        reason = "not a timm model with published weights"
+    if cfg is None:
+        tags = timm.list_pretrained(name.split(".")[0] + ".*")
+        raise CheckpointError(f"pretrained {spec!r}: {reason}; its weights are e.g. "
+                              f"{[TIMM_WEIGHTS + t for t in tags[:8]] or 'none'} (timm.list_pretrained lists all)")
+    repo = cfg.hf_hub_id
+    filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    found = _from_hub_cache(repo, filenames) if repo else None
+    url_file = None
+    if found is None and cfg.url and not cfg.url.endswith(".npz"):
+        import torch.hub
+
+        url_file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url.split("?")[0]))
+        found = url_file if os.path.isfile(url_file) else None
+    if found is None:
+        raise _not_cached(spec, repo, filenames, url_file)
+    return found
+
+
+def _open_clip_weights(name: str, spec: str) -> str:
+    import open_clip
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    model, _, tag = name.partition("/")
+    cfg = open_clip.get_pretrained_cfg(model, tag) if tag else {}
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise CheckpointError(f"pretrained {spec!r}: expected open_clip:<model>/<tag> with a published tag; "
+                              f"{model!r} has {[f'{OPEN_CLIP_WEIGHTS}{model}/{t}' for t in tags[:8]] or 'none'}")
+    repo, filenames = None, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filenames = [filename] if filename else filenames
+    found = _from_hub_cache(repo, filenames) if repo else None
+    url_file = None
+    if found is None and cfg.get("url"):
+        url_file = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        found = url_file if os.path.isfile(url_file) else None
+    if found is None:
+        raise _not_cached(spec, repo, filenames, url_file)
+    return found
 
 
 def is_torchscript(path: str | Path) -> bool:
@@ -306,7 +429,10 @@ def load_pretrained(
     a timm CLIP ViT, e.g. `vit_base_patch16_clip_224`, for a key-for-key match).
     `prefix` overrides the auto-detected sub-model prefix. Position embeddings are resized to the model's token
     grid (rectangular or overlapping-stride); see `infer_source_grid` for how the source grid is found.
+    `path` may also name published weights in the local cache (`timm:<model>.<tag>`, `open_clip:<model>/<tag>`;
+    see `resolve_pretrained`).
     """
+    path = resolve_pretrained(path)
     state = read_state_dict(path)
     model_keys = set(model.state_dict())
     clip_prefix = clip_visual_prefix(list(state)) if prefix is None else None

@@ -6,10 +6,11 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import timm
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.layers import DropPath, PatchEmbed, to_2tuple
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -17,8 +18,11 @@ from torch import Tensor, nn
 from pedlightning.errors import ConfigError
 from pedlightning.models.checkpoint import LoadReport, load_pretrained
 
+if TYPE_CHECKING:
+    from pedlightning.models.text import TextEncoderConfig
+
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "OPEN_CLIP_PREFIX", "OverlappingPatchEmbed", "PRESETS",
-           "config_from"]
+           "SUGGESTED_WEIGHTS", "config_from", "is_tiny_preset", "warn_if_untrained"]
 
 #: Encoder names starting with this build CLIP's visual tower from open_clip: `open_clip:ViT-B-16`.
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -82,6 +86,54 @@ def config_from(cls: type[_Config], cfg: Any, overrides: Mapping[str, Any] | Non
     return dataclasses.asdict(cls(**values))
 
 
+#: Published weights the paper recipes start from, by architecture: the `pretrained:` value to suggest.
+SUGGESTED_WEIGHTS: dict[str, str] = {
+    # TransReID's ImageNet-21k -> 1k ViT-B/16 (its jx_vit_base_p16_224-80ecf9dd.pth; normalise with 0.5)
+    "vit_base_patch16_224": "timm:vit_base_patch16_224.orig_in21k_ft_in1k",
+    # torchvision's ImageNet ResNet-50, the Bag-of-Tricks / fast-reid backbone
+    "resnet50": "timm:resnet50.tv_in1k",
+    "open_clip:ViT-B-16": "open_clip:ViT-B-16/openai",
+    "ViT-B-16": "open_clip:ViT-B-16/openai",
+}
+_warned_untrained: set[tuple[str, str, str]] = set()
+
+
+def is_tiny_preset(name: str) -> bool:
+    """True for the tiny test/demo models (`vit_tiny_test`, `resnet_tiny_test`, `[open_clip:]clip_tiny_test`)."""
+    base = name[len(OPEN_CLIP_PREFIX):] if name.startswith(OPEN_CLIP_PREFIX) else name
+    if base in PRESETS:
+        return True
+    from pedlightning.models.text import CLIP_PRESETS  # imports open_clip (slow): only for non-timm presets
+
+    return base in CLIP_PRESETS
+
+
+def warn_if_untrained(config: ImageEncoderConfig | TextEncoderConfig | Mapping[str, Any], source: str, *,
+                      synthetic: bool, role: str = "encoder") -> bool:
+    """Warn (rank zero, once per model, data and role) that a real model will be trained from random weights.
+
+    It warns when `config.pretrained` is None, the model is not a tiny preset and the data is not synthetic:
+    a ViT-B or ResNet-50 fine-tuned from scratch on a reID-sized dataset lands far below the published numbers,
+    and nothing else would say why. Pre-training tasks that start from scratch by design (PersonMAE) should not
+    call it. `source` names the data (a `DataSpec.source`); `role` the config key (e.g. `image_encoder`).
+    Returns whether it warned now.
+    """
+    values = dict(config) if isinstance(config, Mapping) else dataclasses.asdict(config)
+    name = str(values.get("name"))
+    if no_checkpoint_as_none(values.get("pretrained")) is not None or synthetic or is_tiny_preset(name):
+        return False
+    key = (name, source, role)
+    if key in _warned_untrained:
+        return False
+    _warned_untrained.add(key)
+    suggestion = SUGGESTED_WEIGHTS.get(name)
+    example = f", e.g. `{role}.pretrained: {suggestion}`" if suggestion else \
+        " to a timm:<model>.<tag> or open_clip:<model>/<tag> name, or to a local checkpoint file"
+    rank_zero_warn(f"{role} {name!r} has no pretrained weights ({role}.pretrained is null): it will be trained FROM "
+                   f"RANDOM INITIALISATION on {source}. The published recipes start from pre-trained weights; "
+                   f"from scratch, expect results far below them. Set {role}.pretrained{example}.")
+    return True
+
 class OverlappingPatchEmbed(PatchEmbed):
     """Patch embedding whose kernel (patch size) is larger than its stride: TransReID's overlapping patches.
 
@@ -128,8 +180,11 @@ class ImageEncoder(nn.Module):
         last_stride: stride of a ResNet's last stage. 1 is the "Bag of Tricks" (Luo et al. 2019) / fast-reid
             choice, doubling the final map (16x8 at 256x128); 2 keeps the ImageNet network. Ignored by ViTs.
         pretrained: path of a local checkpoint (timm, MAE, open_clip/OpenAI CLIP visual, or our Lightning
-            checkpoints); see `pedlightning.models.checkpoint.load_pretrained`. The report is logged and kept in
-            `pretrained_report`.
+            checkpoints; see `pedlightning.models.checkpoint.load_pretrained`), or published weights by name, read
+            from the local Hugging Face / timm / CLIP caches and never downloaded: `timm:<model>.<tag>` (e.g.
+            `timm:vit_base_patch16_224.augreg_in21k_ft_in1k`) or `open_clip:<model>/<tag>` (e.g.
+            `open_clip:ViT-B-16/openai`); see `pedlightning.models.checkpoint.resolve_pretrained`. The report is
+            logged and kept in `pretrained_report`.
         model_kwargs: extra timm keyword arguments; they override the preset's. For `open_clip:` names, an
             open_clip model config dict (embed_dim, vision_cfg, ...) that replaces the named one.
 

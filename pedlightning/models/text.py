@@ -28,6 +28,7 @@ from pedlightning.models.checkpoint import (
     find_prefix,
     is_torchscript,
     read_state_dict,
+    resolve_pretrained,
     select_prefix,
 )
 from pedlightning.models.encoders import config_from, no_checkpoint_as_none
@@ -133,7 +134,10 @@ def load_clip_pretrained(model: nn.Module, path: str, *, strict: bool = False, t
     `text_encoder.model.*`). The visual position embedding is resized to the model's (possibly rectangular) grid;
     open_clip's own resize assumes a square target and source. A text position embedding of another context
     length is reported as skipped. OpenAI weights were trained with QuickGELU: a model without it gets a warning.
+    `path` may name published weights in the local cache, e.g. `open_clip:ViT-B-16/openai` (see
+    `pedlightning.models.checkpoint.resolve_pretrained`).
     """
+    path = resolve_pretrained(path)
     state = read_state_dict(path)
     ignored = [k for k in _OPENAI_METADATA if k in state]
     state = {k: v for k, v in state.items() if k not in _OPENAI_METADATA}
@@ -187,7 +191,8 @@ class TextEncoderConfig:
 
     `name`: an open_clip model config (`ViT-B-16`; `ViT-B-16-quickgelu` for OpenAI's weights) or a preset
     (`clip_tiny_test`). `context_length`: tokens per caption (CLIP: 77; the tokenizer must use the same).
-    `pretrained`: a local open_clip / OpenAI CLIP checkpoint or one of our checkpoints (its text tower is loaded).
+    `pretrained`: a local open_clip / OpenAI CLIP checkpoint or one of our checkpoints (its text tower is loaded),
+    or published weights in the local cache by name, `open_clip:<model>/<tag>` (e.g. `open_clip:ViT-B-16/openai`).
     `model_cfg`: an open_clip model config dict (embed_dim, text_cfg, ...) that replaces `name`'s.
     """
 
