@@ -1,14 +1,19 @@
-"""Test-wide settings: offline, CPU, few threads (the CI machine has 2 cores)."""
+"""Test-wide settings: offline, CPU, one intra-op thread (the CI machine has 2 cores).
+
+One thread for the whole suite: the models here are tiny, and on a loaded 2-core machine two torch threads made
+their steps up to 30x slower. A parent that never ran a multi-threaded OpenMP region can also fork DDP workers
+(``ddp_fork``) without them hanging on the inherited thread pool.
+"""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +36,8 @@ def _plain_argv(monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine were 30x slower here.
+    """One intra-op thread for a module: the suite's default already, pinned for modules that rely on it (tiny
+    models, fork-started DDP workers) should a test or the default change it.
 
     A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
     """

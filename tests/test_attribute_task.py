@@ -1,5 +1,6 @@
 """AttributeModule and AttributeDataModule: losses fall, wiring of the positive ratio, protocol switch, CLI run."""
 
+import csv
 import glob
 import os
 
@@ -144,6 +145,38 @@ def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
     assert len(torch.cat(labels)) == 24
     for key in ("mA", "accuracy", "precision", "recall", "f1"):
         assert logged[f"test/{key}"] == pytest.approx(expected[key], abs=1e-6), key
+    # The per-attribute table was saved beside the logs of the test run, one row per attribute.
+    (table,) = glob.glob(str(run / "csv" / "**" / "attributes_test.csv"), recursive=True)
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["attribute", "train_pos_ratio", "mA", "pos_recall", "neg_recall"]
+    assert [r["attribute"] for r in rows] == data.attribute_names
+    for column in ("mA", "pos_recall", "neg_recall"):
+        torch.testing.assert_close(torch.tensor([float(r[column]) for r in rows], dtype=torch.float64),
+                                   expected["per_attribute"][column].double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor([float(r["train_pos_ratio"]) for r in rows]),
+                               torch.tensor(data.positive_ratio), atol=1e-6, rtol=0)
+
+
+def test_validation_puts_mA_on_the_progress_bar_and_writes_the_table(tmp_path, pa100k):
+    data, model = _data(pa100k), _model()
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            probs.append(torch.sigmoid(model(batch["image"])))
+            labels.append(batch["labels"])
+    expected = attribute_metrics(torch.cat(probs), torch.cat(labels))
+    assert set(trainer.progress_bar_metrics) == {"train/loss", "val/mA"}
+    assert trainer.progress_bar_metrics["val/mA"] == pytest.approx(expected["mA"], abs=1e-6)
+    # Without a logger the table goes to default_root_dir.
+    with open(tmp_path / "attributes_val.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 26
+    mean_ma = sum(float(r["mA"]) for r in rows) / len(rows)
+    assert mean_ma == pytest.approx(expected["mA"], abs=1e-5)
 
 
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(REPO, "configs/attributes/*.yaml"))),

@@ -1,5 +1,9 @@
-"""The pedlightning command end to end: configs, resume after a kill, test from the saved config, errors, DDP."""
+"""The pedlightning command end to end: configs, resume after a kill, test from the saved config, errors, DDP.
 
+Runs in this process (``run_cli`` / ``PedLightningCLI``) where that tests the same thing; a kill and DDP need real
+processes."""
+
+import csv
 import glob
 import os
 import subprocess
@@ -8,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from pedlightning.cli import PedLightningCLI, RunConfigSaver, main
+from pedlightning.cli import PedLightningCLI, RunConfigSaver, run_cli
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import DukeMTMC, Market1501
 
@@ -39,16 +43,22 @@ def _pedlightning(*args, timeout=600):
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(REPO, "configs/**/*.yaml"), recursive=True)),
                          ids=lambda p: os.path.relpath(p, REPO))
 def test_every_config_parses(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", config, "--print_config"])
-    assert exit_info.value.code in (0, None)
+    assert run_cli(["fit", "--config", config, "--print_config"]) == 0
     printed = capsys.readouterr().out
     assert "class_path" in printed and "trainer:" in printed
 
 
 def test_fit_then_test_from_saved_config_reproduces_numbers(tmp_path, synthetic_market):
-    fit = _cli("fit", _run_args(tmp_path, synthetic_market))
+    csv_logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}/csv",
+                  "--trainer.log_every_n_steps=1"]
+    fit = _cli("fit", _run_args(tmp_path, synthetic_market, *csv_logger))
     run = tmp_path / "run"
+    # The lr of every optimizer step is logged (LearningRateMonitor, a CLI default when a logger exists).
+    with open(glob.glob(f"{tmp_path}/csv/*/version_*/metrics.csv")[0]) as file:
+        rows = list(csv.DictReader(file))
+    lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]  # pg1: weights; pg2: no decay
+    assert len(lrs) == fit.trainer.global_step  # warm-up to the demo's lr, then cosine decay
+    assert lrs[0] < lrs[1] and max(lrs) == pytest.approx(0.003) and lrs[-1] < max(lrs)
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     ckpt = str(run / "checkpoints" / "last.ckpt")
     first = _cli("test", ["--config", DEMO, "--config", TINY, f"--trainer.default_root_dir={run}",
@@ -74,8 +84,12 @@ def test_killed_run_resumes_from_last(tmp_path, synthetic_market):
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 0  # saved at the end of epoch 0, killed inside epoch 1
     steps_per_epoch = state["global_step"]
-    resumed = _pedlightning("fit", *args, "--ckpt_path=last")
+    resumed = _pedlightning("fit", *args, "--ckpt_path=last", "--trainer.enable_model_summary=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    printed = resumed.stdout + resumed.stderr
+    assert "Restored all states from the checkpoint" in printed and "Total params" in printed
+    for noise in ("💡 Tip", "LeafSpec", "FLOPs", "Traceback"):  # known noise is filtered, narrowly
+        assert noise not in printed, noise
     final = torch.load(last, weights_only=True)
     assert final["epoch"] == 2 and final["global_step"] == 3 * steps_per_epoch
     # The per-step lr schedule continued where it stopped: it ends at min_lr_ratio of the base lr.
@@ -85,18 +99,16 @@ def test_killed_run_resumes_from_last(tmp_path, synthetic_market):
 
 
 def test_unknown_key_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", DEMO, "--model.init_args.no_such_knob=3"])
-    assert exit_info.value.code == 2
+    assert run_cli(["fit", "--config", DEMO, "--model.init_args.no_such_knob=3"]) == 2
     assert "no_such_knob" in capsys.readouterr().err
 
 
-def test_missing_dataset_root_is_a_clear_error_without_traceback(tmp_path):
+def test_missing_dataset_root_is_a_clear_error_without_traceback(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    result = _pedlightning("fit", *_run_args(tmp_path, missing, "--data.init_args.synthesize=false"))
-    assert result.returncode == 2
-    assert str(missing) in result.stderr and "synthesize: true" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert run_cli(["fit", *_run_args(tmp_path, missing, "--data.init_args.synthesize=false")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "synthesize: true" in err
+    assert "Traceback" not in err and err.startswith("pedlightning: error: ")
 
 
 def _printed_results(result) -> dict[str, float]:
@@ -136,9 +148,8 @@ def test_real_data_reid_configs_run(config, tmp_path):
 
 def test_synth_tool_writes_a_dataset_the_parser_reads(tmp_path):
     root = tmp_path / "duke"
-    main(["synth", "dukemtmc", "--root", str(root), "--num-train-ids", "5", "--num-test-ids", "4", "--seed", "3"])
+    assert run_cli(["synth", "dukemtmc", "--root", str(root), "--num-train-ids", "5", "--num-test-ids", "4",
+                    "--seed", "3"]) == 0
     assert len(os.listdir(root / "bounding_box_train")) == 5 * 6
     assert DukeMTMC(str(root)).num_train_pids == 5
-    with pytest.raises(SystemExit) as exit_info:  # refuses to overwrite what is there: loses nothing
-        main(["synth", "dukemtmc", "--root", str(root)])
-    assert exit_info.value.code == 2
+    assert run_cli(["synth", "dukemtmc", "--root", str(root)]) == 2  # refuses to overwrite: loses nothing

@@ -33,6 +33,8 @@ from pedlightning.models.text import TextEncoderConfig
 from pedlightning.tasks.lcr2s import LCR2SModule
 from tests.support.results import logged_test_metrics, text_to_image_on_test_split
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ----------------------------------------------------------------------------------------------- support sets
 
 PIDS = torch.tensor([0, 0, 0, 1, 1, 2])
@@ -303,9 +305,14 @@ def test_teacher_is_frozen_unchanged_and_outside_the_student(tmp_path, cuhk):
 
 
 def _ddp_fit(tmp_path, model, cuhk) -> dict:
-    """Two spawned CPU processes (gloo), 2 epochs; the last checkpoint, written by rank 0 in its process."""
+    """Two forked CPU processes (gloo), 2 epochs; the last checkpoint, written by rank 0 in its process.
+
+    ddp_fork rather than ddp_spawn, whose children re-import torch, Lightning and this module: the test took 24 s
+    with ddp_spawn on an idle 2-core machine, 3 s with ddp_fork under load. The parent forks on one intra-op
+    thread (the module's ``one_thread``).
+    """
     folder = tmp_path / "ckpt"
-    trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2, enable_checkpointing=True,
+    trainer = _trainer(tmp_path, strategy="ddp_fork", devices=2, max_epochs=2, enable_checkpointing=True,
                        callbacks=[ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)])
     trainer.fit(model, _data(cuhk))
     return torch.load(folder / "last.ckpt", weights_only=True)

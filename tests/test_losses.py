@@ -9,6 +9,7 @@ import torch
 
 from pedlightning.errors import ConfigError
 from pedlightning.losses import (
+    CenterLoss,
     GlobalBatch,
     TripletLoss,
     all_gather_nograd,
@@ -104,6 +105,24 @@ def test_triplet_without_any_valid_anchor_is_zero():
     assert out.loss.item() == 0.0
     out.loss.backward()  # keeps the graph
     assert torch.all(feats.grad == 0)
+
+
+def test_center_loss_and_its_centre_gradient_by_hand():
+    """Bag of Tricks' centre loss: batch mean of ||f_i - c_{y_i}||^2; d/dc_y = -2/B sum_{y_i = y} (f_i - c_y)."""
+    loss_fn = CenterLoss(num_classes=3, feat_dim=2)
+    with torch.no_grad():
+        loss_fn.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
+    feats = torch.tensor(POINTS, requires_grad=True)
+    pids = torch.tensor([0, 0, 1, 1])
+    loss = loss_fn(feats, pids)
+    by_hand = (0.0 + 25.0 + (0.0 + 1.0) + (0.0 + 1.0)) / 4  # |(0,0)-(0,0)|^2, |(3,4)|^2, |(0,-1)|^2, |(0,1)|^2
+    assert loss.item() == pytest.approx(by_hand)
+    loss.backward()
+    expected = torch.tensor([[-2 / 4 * (0.0 + 3.0), -2 / 4 * (0.0 + 4.0)],
+                             [-2 / 4 * (0.0 + 0.0), -2 / 4 * (-1.0 + 1.0)],
+                             [0.0, 0.0]])  # identity 2 is not in the batch: its centre gets no gradient
+    torch.testing.assert_close(loss_fn.centers.grad, expected)
+    torch.testing.assert_close(feats.grad[1], torch.tensor([2 / 4 * 3.0, 2 / 4 * 4.0]))
 
 
 # ------------------------------------------------------------------------------------------------ contrastive

@@ -49,7 +49,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """36 images in shards of 8: sizes 8, 8, 8, 8, 4 (no manifest: counted from the tar headers)."""
+    """36 images in shards of 8: sizes 8, 8, 8, 8, 4 (with the writer's shards.json)."""
     root = str(tmp_path_factory.mktemp("lup") / "shards")
     write_luperson_shards(root, num_images=36, shard_size=8, size=(32, 16))
     return root

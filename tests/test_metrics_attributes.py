@@ -10,8 +10,11 @@ from pedlightning.errors import EvaluationError
 from pedlightning.metrics import AttributeMetric, attribute_metrics
 
 
-def reference(probs, targets, threshold=0.5):
-    """Straightforward loops; a ratio with an empty denominator counts as 0 (strong-baseline convention)."""
+def reference(probs, targets, threshold=0.5, unlabelled_predictions="ignore"):
+    """Straightforward loops; a ratio with an empty denominator counts as 0 (strong-baseline convention).
+
+    Targets of -1 are unlabelled: skipped per attribute; in the instance sets T never holds them, P holds their
+    positive predictions only with unlabelled_predictions="false_positive" (the strong baseline's code)."""
     pred = probs > threshold
     n, a = targets.shape
 
@@ -20,12 +23,14 @@ def reference(probs, targets, threshold=0.5):
 
     pos, neg = [], []
     for j in range(a):
-        t, p = targets[:, j] == 1, pred[:, j]
+        labelled = targets[:, j] != -1
+        t, p = targets[labelled, j] == 1, pred[labelled, j]
         pos.append(ratio(np.sum(t & p), np.sum(t)))
         neg.append(ratio(np.sum(~t & ~p), np.sum(~t)))
     acc, prec, rec = [], [], []
     for i in range(n):
-        t, p = set(np.flatnonzero(targets[i])), set(np.flatnonzero(pred[i]))
+        shown = pred[i] if unlabelled_predictions == "false_positive" else pred[i] & (targets[i] != -1)
+        t, p = set(np.flatnonzero(targets[i] == 1)), set(np.flatnonzero(shown))
         acc.append(ratio(len(t & p), len(t | p)))
         prec.append(ratio(len(t & p), len(p)))
         rec.append(ratio(len(t & p), len(t)))
@@ -94,9 +99,45 @@ def test_threshold_is_strict():
     assert result["per_attribute"]["pos_recall"].tolist() == [0.0, 1.0]
 
 
+def test_unlabelled_targets_and_hard_predictions_by_hand():
+    targets = np.array([[1, -1, 0], [-1, 1, 1], [0, 0, -1]])
+    preds = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]])  # integer 0/1 predictions
+    ignore = attribute_metrics(preds, targets)
+    # attribute 0: TPR 1/1, TNR 0/1; attribute 1: 1/1, 1/1; attribute 2: 0/1, 1/1 (one unlabelled image each)
+    assert ignore["per_attribute"]["mA"].tolist() == [0.5, 1.0, 0.5] and ignore["mA"] == pytest.approx(2 / 3)
+    assert ignore["num_unlabelled"] == 3
+    # labelled attributes only: image 0 P = T = {0}; image 1 P = {1}, T = {1, 2}; image 2 P = {0}, T = {}
+    assert ignore["precision"] == pytest.approx(2 / 3) and ignore["recall"] == pytest.approx(0.5)
+    assert ignore["accuracy"] == pytest.approx(0.5) and ignore["f1"] == pytest.approx(4 / 7)
+    counted = attribute_metrics(preds, targets, unlabelled_predictions="false_positive")
+    # image 0 P = {0, 1}: precision 1/2, accuracy 1/2; image 2 P = {0, 2}: 0
+    assert counted["mA"] == ignore["mA"]
+    assert counted["precision"] == pytest.approx(0.5) and counted["recall"] == pytest.approx(0.5)
+    assert counted["accuracy"] == pytest.approx(1 / 3) and counted["f1"] == pytest.approx(0.5)
+    # bool and float 0/1 predictions read the same as integers
+    scalars = {k: v for k, v in ignore.items() if k != "per_attribute"}
+    for same in (preds.astype(bool), preds.astype(np.float32), torch.from_numpy(preds)):
+        assert {k: v for k, v in attribute_metrics(same, targets).items() if k != "per_attribute"} == scalars
+
+
+@pytest.mark.parametrize("unlabelled_predictions", ["ignore", "false_positive"])
+def test_unlabelled_targets_match_reference(unlabelled_predictions):
+    probs, targets = random_case(seed=2)
+    targets[np.random.default_rng(3).random(targets.shape) < 0.15] = -1
+    expected = reference(probs, targets, unlabelled_predictions=unlabelled_predictions)
+    result = attribute_metrics(probs, targets, unlabelled_predictions=unlabelled_predictions)
+    for key in ("mA", "accuracy", "precision", "recall", "f1"):
+        assert result[key] == pytest.approx(expected[key], abs=1e-12), key
+    np.testing.assert_allclose(result["per_attribute"]["mA"].numpy(), expected["ma"], atol=1e-12)
+    assert result["num_unlabelled"] == int((targets == -1).sum())
+    other = "ignore" if unlabelled_predictions == "false_positive" else "false_positive"
+    assert result["precision"] != attribute_metrics(probs, targets, unlabelled_predictions=other)["precision"]
+
+
 @pytest.mark.parametrize("probs, targets, match", [
     (np.array([[2.0, -1.0]]), np.array([[1, 0]]), "sigmoid"),
-    (np.array([[0.2, 0.7]]), np.array([[1, 2]]), "binary"),
+    (np.array([[0.2, 0.7]]), np.array([[1, 2]]), "-1 \\(unlabelled\\)"),
+    (np.array([[0, 2]]), np.array([[1, 0]]), "hard 0/1 predictions"),
     (np.array([[0.2, 0.7]]), np.array([[1, 0, 1]]), "same shape"),
 ])
 def test_bad_inputs(probs, targets, match):
@@ -104,8 +145,16 @@ def test_bad_inputs(probs, targets, match):
         attribute_metrics(probs, targets)
 
 
+def test_bad_options():
+    with pytest.raises(EvaluationError, match="unlabelled_predictions must be"):
+        attribute_metrics(np.ones((1, 2)), np.ones((1, 2)), unlabelled_predictions="skip")
+    with pytest.raises(EvaluationError, match="threshold"):
+        attribute_metrics(np.ones((1, 2)), np.ones((1, 2)), threshold=1.0)
+
+
 def test_metric_class_drops_padding_duplicates():
     probs, targets = random_case(seed=1, n=50)
+    targets[::7, ::3] = -1  # unlabelled targets survive the metric's state
     p, t = torch.from_numpy(probs).float(), torch.from_numpy(targets)
     metric = AttributeMetric()
     order = torch.cat([torch.arange(49, -1, -1), torch.arange(3)])  # reversed, plus 3 padding repeats

@@ -12,13 +12,18 @@ from pedlightning.metrics import ReIDMetric, k_reciprocal_distance, reid_evaluat
 KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10")
 
 
-def reference_eval(dist, q_pids, g_pids, q_cams, g_cams, ranks=(1, 5, 10)):
-    """Classic Market-1501 evaluation, one query at a time (ties: a negative ranks before a tied positive)."""
+def reference_eval(dist, q_pids, g_pids, q_cams, g_cams, ranks=(1, 5, 10), ties="pessimistic"):
+    """Classic Market-1501 evaluation (torchreid's eval_market1501), one query at a time.
+
+    Ties: "pessimistic" sorts a negative before a tied positive, "optimistic" after it, "gallery_order" sorts the
+    distances with a stable sort (what torchreid's np.argsort gives when it happens to be stable)."""
     aps, inps, cmcs = [], [], []
     for i in range(len(q_pids)):
         keep = ~((g_pids == q_pids[i]) & (g_cams == q_cams[i]))
         d, match = dist[i][keep], g_pids[keep] == q_pids[i]
-        match = match[np.lexsort((match, d))].astype(np.float64)
+        order = {"pessimistic": lambda: np.lexsort((match, d)), "optimistic": lambda: np.lexsort((~match, d)),
+                 "gallery_order": lambda: np.argsort(d, kind="stable")}[ties]()
+        match = match[order].astype(np.float64)
         if not match.any():
             continue
         hits = match.cumsum()
@@ -71,15 +76,48 @@ def test_matches_reference_on_random_data():
     assert set(result) == {*KEYS, "num_valid_queries"}
 
 
-def test_matches_reference_with_many_ties():
-    """Small-integer features give exact, heavily tied squared distances: ties must not help the score."""
-    rng = np.random.default_rng(1)
+def tied_case(seed=1):
+    """Small-integer features: exact, heavily tied squared distances."""
+    rng = np.random.default_rng(seed)
     qf, gf = rng.integers(0, 3, (80, 4)).astype(np.float32), rng.integers(0, 3, (400, 4)).astype(np.float32)
     qp, gp = rng.integers(0, 12, 80), rng.integers(0, 12, 400)
     qc, gc = rng.integers(0, 3, 80), rng.integers(0, 3, 400)
+    return qf, gf, qp, gp, qc, gc
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "gallery_order", "optimistic"])
+def test_matches_reference_with_many_ties(ties):
+    qf, gf, qp, gp, qc, gc = tied_case()
     dist = ((qf[:, None].astype(np.float64) - gf[None]) ** 2).sum(-1)
-    expected = reference_eval(dist, qp, gp, qc, gc)
-    assert_same(reid_evaluate(qf, gf, qp, gp, qc, gc, metric="euclidean", block_size=7), expected)
+    expected = reference_eval(dist, qp, gp, qc, gc, ties=ties)
+    assert_same(reid_evaluate(qf, gf, qp, gp, qc, gc, metric="euclidean", block_size=7, ties=ties), expected)
+
+
+def test_tie_rules_are_ordered_and_differ_on_tied_features():
+    qf, gf, qp, gp, qc, gc = tied_case(seed=2)
+    low, mid, high = (reid_evaluate(qf, gf, qp, gp, qc, gc, metric="euclidean", ties=t)
+                      for t in ("pessimistic", "gallery_order", "optimistic"))
+    for key in KEYS:
+        assert low[key] <= mid[key] <= high[key], key
+    assert low["mAP"] < mid["mAP"] < high["mAP"] and high["rank1"] - low["rank1"] > 0.05
+    # continuous features have no ties: every rule gives the same numbers
+    qf, gf, qp, gp, qc, gc = synthetic_reid()
+    assert reid_evaluate(qf, gf, qp, gp, qc, gc, ties="optimistic") == reid_evaluate(qf, gf, qp, gp, qc, gc)
+
+
+@pytest.mark.parametrize("ties, ap, first", [("pessimistic", (1 / 4 + 2 / 5) / 2, 4),
+                                             ("gallery_order", (1 / 3 + 2 / 5) / 2, 3),
+                                             ("optimistic", (1 / 2 + 2 / 5) / 2, 2)])
+def test_tie_rules_by_hand(ties, ap, first):
+    # squared distances: 1 (neg), 1 (pos), 1 (neg), 4 (pos), 0.25 (neg)
+    result = reid_evaluate([[0.0]], [[1.0], [1.0], [1.0], [2.0], [0.5]], [1], [9, 1, 9, 1, 9], [0], [1] * 5,
+                           metric="euclidean", ranks=(1, 2, 3, 4), ties=ties)
+    assert result["mAP"] == pytest.approx(ap) and result["mINP"] == pytest.approx(2 / 5)
+    assert [result[f"rank{k}"] for k in (1, 2, 3, 4)] == [float(first <= k) for k in (1, 2, 3, 4)]
+    # the only positive comes first in the gallery and ties with the negative after it (distances 1, 1, 4)
+    result = reid_evaluate([[5.0]], [[6.0], [4.0], [7.0]], [2], [2, 9, 9], [0], [1, 1, 1], metric="euclidean",
+                           ranks=(1,), ties=ties)
+    assert result["mAP"] == (0.5 if ties == "pessimistic" else 1.0)
 
 
 def test_constant_features_score_worst_case_not_perfect():
@@ -153,6 +191,7 @@ def test_block_size_and_input_types_do_not_change_results():
     (dict(metric="manhattan"), "metric must be"),
     (dict(block_size=0), "block_size"),
     (dict(ranks=(0,)), "ranks"),
+    (dict(ties="random"), "ties must be one of"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, match):
     qf, gf, qp, gp, qc, gc = synthetic_reid()
@@ -179,6 +218,11 @@ def test_metric_class_equals_function_and_drops_padding_duplicates():
     qb = torch.from_numpy(qf).bfloat16().float()
     assert result == reid_evaluate(qb, gf, qp, gp, qc, gc)
     assert result["mAP"] == pytest.approx(expected["mAP"], abs=0.02)
+    assert metric.description == "cosine distance, ties: pessimistic (a positive tied with negatives ranks after " \
+        "them), no re-ranking"
+    assert ReIDMetric(metric="euclidean", rerank=True, ties="optimistic").description == \
+        "euclidean distance, ties: optimistic (a positive tied with negatives ranks before them), k-reciprocal " \
+        "re-ranking (k1=20, k2=6, lambda=0.3)"
     conflicting_pid = torch.tensor([qp[0] + 1000])
     metric.update(torch.from_numpy(qf[:1]), conflicting_pid, torch.tensor([qc[0]]), True, torch.tensor([0]))
     with pytest.raises(EvaluationError, match="same index have different pids"):
@@ -252,4 +296,17 @@ def test_rerank_block_sizes_agree_and_bad_k_is_explained():
     b = reid_evaluate(qf, gf, qp, gp, qc, gc, rerank=True, block_size=3)
     assert a == b and a["mAP"] != reid_evaluate(qf, gf, qp, gp, qc, gc)["mAP"]
     with pytest.raises(EvaluationError, match="k1"):
-        reid_evaluate(qf[:2], gf[:5], qp[:2], gp[:5], qc[:2], gc[:5], rerank=True)
+        reid_evaluate(qf, gf, qp, gp, qc, gc, rerank=True, k1=0)
+
+
+@pytest.mark.parametrize("k1, k2, num_gallery", [(20, 6, 9), (6, 14, 9), (30, 30, 4)])
+def test_rerank_small_gallery_uses_the_neighbours_that_exist(k1, k2, num_gallery):
+    """Fewer than k1 + 1 (or k2) images: the textbook's slices stop at what exists; ours clamps and warns."""
+    qf, gf, *_ = synthetic_reid(seed=7, num_ids=3, dim=6, num_query=4, num_gallery=num_gallery, num_distractors=1)
+    n = len(qf) + len(gf)
+    with pytest.warns(UserWarning, match=rf"k1 = {k1} .* only {n} query \+ gallery images; using "
+                                         rf"k1 = {min(k1, n - 1)}, k2 = {min(k2, n)}"):
+        ours = k_reciprocal_distance(qf, gf, metric="euclidean", k1=k1, k2=k2).numpy()
+    expected = textbook_rerank(qf, gf, k1, k2, 0.3)
+    assert expected.std() > 0.01
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)

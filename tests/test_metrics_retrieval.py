@@ -10,14 +10,19 @@ from pedlightning.errors import EvaluationError
 from pedlightning.metrics import RetrievalMetric, retrieval_evaluate
 
 
-def reference(qf, gf, q_pids, g_pids, ranks=(1, 5, 10)):
-    """Every query sorts the whole gallery by cosine similarity (no camera filtering)."""
+def reference(qf, gf, q_pids, g_pids, ranks=(1, 5, 10), ties="gallery_order"):
+    """Every query sorts the whole gallery by cosine similarity (no camera filtering); ties as `reid_evaluate`'s
+    rules: the stable sort keeps gallery order, the others sort negatives before / after tied positives."""
     qf = qf / np.linalg.norm(qf, axis=1, keepdims=True)
     gf = gf / np.linalg.norm(gf, axis=1, keepdims=True)
     sim = qf.astype(np.float64) @ gf.astype(np.float64).T
     aps, inps, firsts = [], [], []
     for i in range(len(qf)):
-        match = (g_pids[np.argsort(-sim[i], kind="stable")] == q_pids[i])
+        positive = g_pids == q_pids[i]
+        order = {"gallery_order": lambda: np.argsort(-sim[i], kind="stable"),
+                 "pessimistic": lambda: np.lexsort((positive, -sim[i])),
+                 "optimistic": lambda: np.lexsort((~positive, -sim[i]))}[ties]()
+        match = positive[order]
         if not match.any():
             continue
         hit_ranks = np.flatnonzero(match) + 1
@@ -50,6 +55,31 @@ def test_matches_reference_both_directions():
     i2t = retrieval_evaluate(imgs, txts, ip, tp, ranks=(1, 3))
     expected = reference(imgs, txts, ip, tp, ranks=(1, 3))
     assert {k: pytest.approx(v, abs=1e-9) for k, v in expected.items()} == i2t
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "gallery_order", "optimistic"])
+def test_tie_rules_match_reference_on_quantised_features(ties):
+    """Unit vectors +-e_i and (+-1/2, +-1/2, +-1/2, +-1/2): every similarity is an exact multiple of 1/4 in any
+    precision and summation order, so ties are exact and many."""
+    rng = np.random.default_rng(3)
+    signs = np.array(np.meshgrid(*[[-0.5, 0.5]] * 4)).reshape(4, -1).T
+    units = np.concatenate([np.eye(4), -np.eye(4), signs]).astype(np.float32)
+    imgs, txts = units[rng.integers(0, len(units), 120)], units[rng.integers(0, len(units), 60)]
+    ip, tp = rng.integers(0, 8, 120), rng.integers(0, 8, 60)
+    expected = reference(txts, imgs, tp, ip, ties=ties)
+    result = retrieval_evaluate(txts, imgs, tp, ip, ties=ties, block_size=11)
+    for key in ("rank1", "rank5", "mAP", "mINP"):
+        assert result[key] == pytest.approx(expected[key], abs=1e-12), key
+    if ties != "gallery_order":
+        assert result["mAP"] != retrieval_evaluate(txts, imgs, tp, ip, ties="gallery_order")["mAP"]
+
+
+def test_metric_class_reports_its_tie_rule():
+    assert RetrievalMetric().description == \
+        "cosine similarity, ties: pessimistic (a positive tied with negatives ranks after them)"
+    assert "ties: gallery_order (tied items keep their gallery order" in RetrievalMetric(ties="gallery_order").description
+    with pytest.raises(EvaluationError, match="ties must be one of 'pessimistic', 'gallery_order', 'optimistic'"):
+        RetrievalMetric(ties="stable")
 
 
 def test_perfect_case():

@@ -16,6 +16,7 @@ from pedlightning.data.transforms.regions import (
     region_b_positions,
     sample_crop,
 )
+from pedlightning.errors import ConfigError
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.mae_decoder import (
     LearnedPosEmbed2d,
@@ -33,6 +34,7 @@ from pedlightning.models.masking import (
 from pedlightning.models.momentum import MomentumEncoder, ema_update_, momentum_at
 from pedlightning.tasks.personmae import (
     PersonMAEModule,
+    hidden_region_b_patches,
     normalize_patches,
     patchify,
     unpatchify,
@@ -418,3 +420,142 @@ def test_schedules_follow_the_step_and_resume_continues_them_exactly(tmp_path):
     assert [v for s, k, v in resumed.logged if k == "train/feat_weight"] == pytest.approx([3 / 4.5, 4 / 4.5, 1.0])
     for name, value in straight.state_dict().items():
         assert torch.allclose(value, resumed.state_dict()[name], atol=1e-6), name
+
+
+# ------------------------------------------------------------------------------------------------- targets
+def _last_block_and_final_tokens(vit, images):
+    """The teacher's tokens by timm's own forward, the last block's output read by a hook: (before, after) norm."""
+    seen = []
+    handle = vit.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o))
+    after = vit.forward_features(images)
+    handle.remove()
+    return seen[0], after
+
+
+def _layer_norm(x):
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+
+
+@pytest.mark.parametrize("feat_layer", ["last_block", "final_norm"])
+@pytest.mark.parametrize("feat_norm", ["both", "target", "none"])
+def test_feature_target_and_prediction_follow_the_options(feat_layer, feat_norm):
+    torch.manual_seed(0)
+    model = PersonMAEModule(**TINY, feat_layer=feat_layer, feat_norm=feat_norm).eval()
+    with torch.no_grad():  # a teacher that differs from the student, with a non-trivial final norm
+        for p in model.teacher.module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = _batch(2)
+    before, after = _last_block_and_final_tokens(model.teacher.module.model, batch["region_b"])
+    tokens = (before if feat_layer == "last_block" else after)[:, 1:]
+    expected = tokens if feat_norm == "none" else _layer_norm(tokens)
+    assert not torch.allclose(before, after, atol=1e-2)
+    assert torch.allclose(model.feature_target(batch["region_b"]), expected, atol=1e-5)
+    pred = 3 * torch.randn(2, 32, 64) + 1
+    assert torch.allclose(model.feature_prediction(pred), _layer_norm(pred) if feat_norm == "both" else pred,
+                          atol=1e-5)
+    # the loss compares exactly these two tensors
+    mask = model.masks(2, seed=0)
+    out = model.predict_region_b(batch, mask)["feature"]
+    loss = model.compute_losses(batch, mask)["feature"]
+    assert torch.allclose(loss, (model.feature_prediction(out) - expected).pow(2).mean(), atol=1e-5)
+
+
+def test_defaults_are_bootmae_targets_capped_blocks_and_no_drop_path():
+    import inspect
+
+    import yaml
+
+    params = inspect.signature(PersonMAEModule).parameters
+    assert params["feat_layer"].default == "last_block" and params["feat_norm"].default == "both"
+    assert params["max_block_patches"].default == 60 and params["loss_patches"].default == "all"
+    assert params["encoder"].default.drop_path_rate == 0.0
+    for name in ("pretrain_luperson.yaml", "demo_pretrain_synthetic.yaml"):
+        with open(f"configs/personmae/{name}") as f:
+            args = yaml.safe_load(f)["model"]["init_args"]
+        assert args["encoder"]["drop_path_rate"] == 0.0 and args["max_block_patches"] == 60, name
+
+
+# ------------------------------------------------------------------------------------------------- loss patches
+def test_hidden_patches_are_the_masked_ones_or_outside_region_a():
+    mask = MaskGenerator((8, 4), 0.5, "random")(2, seed=4)
+    box_a = torch.tensor([[0.0, 0.0, 0.5, 1.0]]).expand(2, -1)
+    # same region: hidden = masked
+    pos = region_b_positions(box_a, box_a, (8, 4))
+    assert torch.equal(hidden_region_b_patches(mask, pos, (8, 4)), mask)
+    # RegionB shifted down by a quarter of RegionA = 2 patch rows: B's (r, c) sits on A's (r + 2, c)
+    box_b = torch.tensor([[0.125, 0.0, 0.5, 1.0]]).expand(2, -1)
+    pos = region_b_positions(box_a, box_b, (8, 4))
+    grid_mask = mask.view(2, 8, 4)
+    expected = torch.ones(2, 8, 4, dtype=torch.bool)  # rows 6, 7 of B lie below RegionA: hidden
+    expected[:, :6] = grid_mask[:, 2:]
+    assert torch.equal(hidden_region_b_patches(mask, pos, (8, 4)), expected.view(2, 32))
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_masked_loss_counts_exactly_the_hidden_patches(same):
+    torch.manual_seed(0)
+    model = PersonMAEModule(**TINY, loss_patches="masked", feat_weight_warmup_epochs=0.0).eval()
+    batch = _batch(3)
+    if same:
+        batch["box_b"] = batch["box_a"].clone()
+    mask = model.masks(3, seed=2)
+    with torch.no_grad():
+        preds = model.predict_region_b(batch, mask)
+        losses = model.compute_losses(batch, mask)
+    hidden = hidden_region_b_patches(mask, region_b_positions(batch["box_a"], batch["box_b"], model.grid), model.grid)
+    assert torch.equal(hidden, mask) == same and 0 < hidden.sum() < hidden.numel()
+    pixel_err = (preds["pixel"] - model.pixel_target(batch["region_b"])).pow(2).mean(-1)
+    feat_err = (model.feature_prediction(preds["feature"]) - model.feature_target(batch["region_b"])).pow(2).mean(-1)
+    for name, err in (("pixel", pixel_err), ("feature", feat_err)):
+        expected = sum(float(err[b, i]) for b in range(3) for i in range(32) if hidden[b, i]) / int(hidden.sum())
+        assert float(losses[name]) == pytest.approx(expected, rel=1e-6)
+        assert abs(float(losses[name]) - float(err.mean())) > 1e-4  # not the all-patch mean
+    everything = PersonMAEModule(**TINY, loss_patches="all").eval()
+    everything.load_state_dict(model.state_dict())
+    assert float(everything.compute_losses(batch, mask)["pixel"]) == pytest.approx(float(pixel_err.mean()), rel=1e-5)
+
+
+def test_same_region_with_the_whole_region_b_loss_is_refused():
+    batch = _batch(2)
+    batch["box_b"] = batch["box_a"].clone()
+    model = PersonMAEModule(**TINY, loss_patches="all")
+    with pytest.raises(ConfigError, match="loss_patches"):
+        model.training_step(batch, 0)
+    masked = PersonMAEModule(**TINY, loss_patches="masked")
+    assert torch.isfinite(masked.training_step(batch, 0))
+    with pytest.raises(ConfigError, match="loss_patches"):
+        PersonMAEModule(**TINY, loss_patches="visible")
+
+
+# ------------------------------------------------------------------------------------------------- decoder inputs
+def test_query_scale_starts_as_a_no_op_and_carries_region_b_scale():
+    torch.manual_seed(0)
+    plain = RegionDecoder(16, 12, (4, 2), decoder_dim=16, depth=1, num_heads=2).eval()
+    scaled = RegionDecoder(16, 12, (4, 2), decoder_dim=16, depth=1, num_heads=2, query_scale=True).eval()
+    scaled.load_state_dict(plain.state_dict(), strict=False)
+    tokens, vis = torch.randn(2, 4, 16), grid_positions((4, 2))[:3].expand(2, -1, -1)
+    q, scale = torch.rand(2, 8, 2) * 3, torch.tensor([[0.5, 2.0], [1.0, 1.0]])
+    assert torch.allclose(scaled(tokens, vis, q, scale), plain(tokens, vis, q), atol=1e-6)
+    with torch.no_grad():
+        scaled.scale_embed.weight.normal_()
+    out = scaled(tokens, vis, q, scale)
+    assert not torch.allclose(out[0], plain(tokens, vis, q)[0], atol=1e-3)
+    assert torch.allclose(out[1], plain(tokens, vis, q)[1], atol=1e-6)  # log(1) = 0: unchanged
+    with pytest.raises(ValueError, match="query_scale"):
+        scaled(tokens, vis, q)
+    # the module passes RegionB's box size over RegionA's
+    model = PersonMAEModule(**TINY).eval()
+    seen = []
+    model.decoders["pixel"].scale_embed.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    batch = _batch(2)
+    model.predict_region_b(batch, model.masks(2, seed=0))
+    assert torch.allclose(seen[0], torch.log(batch["box_b"][:, 2:] / batch["box_a"][:, 2:]))
+
+
+def test_decoder_query_token_gets_no_weight_decay():
+    from pedlightning.optim import param_groups
+
+    model = PersonMAEModule(**TINY)
+    decay_of = {id(p): g["weight_decay"] for g in param_groups(model.optimized_modules(), 0.05) for p in g["params"]}
+    assert [decay_of[id(model.decoders[k].mask_token)] for k in model.decoders] == [0.0, 0.0]
+    assert decay_of[id(model.decoders["pixel"].head.weight)] == 0.05

@@ -75,10 +75,14 @@ def test_pretraining_writes_checkpoint_and_reconstruction_grid(pretrained):
     assert any(k.startswith("teacher.module.model.") for k in state) and any(k.startswith("decoders.pixel.") for k in state)
     with Image.open(run / "reconstructions" / "epoch=000.png") as png:
         grid = np.asarray(png.convert("RGB")).astype(int)
-    # 3 rows (masked RegionA, RegionB, prediction) x 4 columns of 128x64 images, 2-pixel padding
-    assert grid.shape == (3 * (128 + 2) + 2, 4 * (64 + 2) + 2, 3)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ReconstructionGrid))
-    cell = lambda row, col: grid[2 + row * 130: 130 + row * 130, 2 + col * 66: 66 + col * 66]  # noqa: E731
+    # a label band, then 3 rows (masked RegionA, RegionB, prediction) x 4 columns of 128x64 images, 2-pixel padding
+    left = callback.label_width
+    assert grid.shape == (3 * (128 + 2) + 2, left + 4 * (64 + 2) + 2, 3)
+
+    def cell(row: int, col: int) -> np.ndarray:
+        return grid[2 + row * 130: 130 + row * 130, left + 2 + col * 66: left + 66 + col * 66]
+
     region_b = (denormalize(callback.batch["region_b"][1]).permute(1, 2, 0).numpy() * 255).round()
     assert np.abs(cell(1, 1) - region_b).max() <= 1
     # masked RegionA patches show the normalisation mean; the mask is the module's fixed visualisation mask

@@ -477,9 +477,14 @@ def test_luperson_folder_layout(tmp_path):
 
 def test_luperson_shards_with_text(tmp_path):
     root = write_luperson_shards(str(tmp_path / "ta"), size=SIZE, num_images=23, shard_size=10, with_text=True)
-    assert files(root) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert files(root) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shards.json"]
+    manifest = json.loads(open(os.path.join(root, "shards.json")).read())
+    assert [(e["name"], e["num_samples"]) for e in manifest["shards"]] == [
+        ("shard-000000.tar", 10), ("shard-000001.tar", 10), ("shard-000002.tar", 3)] and manifest["num_samples"] == 23
+    assert [e["bytes"] for e in manifest["shards"]] == [os.path.getsize(os.path.join(root, e["name"]))
+                                                        for e in manifest["shards"]]
     counts = []
-    for shard in files(root):
+    for shard in files(root)[:-1]:
         with tarfile.open(os.path.join(root, shard)) as tar:
             members = tar.getmembers()
             assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members)
@@ -503,7 +508,7 @@ def test_luperson_shards_with_text(tmp_path):
 def test_luperson_shards_read_by_webdataset(tmp_path):
     wds = pytest.importorskip("webdataset")
     root = write_luperson_shards(str(tmp_path / "ta"), size=SIZE, num_images=7, shard_size=4, with_text=True)
-    urls = [os.path.join(root, f) for f in files(root)]
+    urls = [os.path.join(root, f) for f in files(root) if f.endswith(".tar")]
     samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
     assert len(samples) == 7
     assert all({"__key__", "jpg", "json"} <= set(s) for s in samples)

@@ -242,3 +242,38 @@ def test_config_is_consistent(config, capsys):
         assert model["logit_scale"] == 50.0 and model["sdm_weight"] == 1.0 and model["id_weight"] == 1.0
         assert tuple(image["img_size"]) == (384, 128) and data["batch_size"] == 64
         assert resolved["trainer"]["max_epochs"] == 60 and model["warmup_epochs"] == 5
+
+
+def _irra_expected(name: str, base: float, wd: float, new_layers: tuple[str, ...]) -> tuple[float, float]:
+    """IRRA's build_optimizer, written out: 5x for new layers, else 2x for biases; no decay on biases only."""
+    bias = "bias" in name.rsplit(".", 1)[-1]
+    lr = base * 5 if name.startswith(new_layers) else base * 2 if bias else base
+    return lr, 0.0 if bias else wd
+
+
+@pytest.mark.parametrize("config, image, new_layers", [
+    ("configs/text_reid/cuhk_pedes_clip.yaml", "open_clip:clip_tiny_test", ("classifier.",)),
+    ("configs/valpat/finetune_cuhk_pedes.yaml", "resnet_tiny_test", ("classifier.", "image_proj.")),
+])
+def test_irra_configs_build_irras_parameter_groups(config, image, new_layers, capsys):
+    """The recipe keys of the config, on tiny towers: every parameter's lr and weight decay as IRRA's solver."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", os.path.join(REPO, config), "--print_config"])
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    opt = init.pop("optimizer")
+    assert opt["class_path"] == "torch.optim.Adam"
+    recipe = {k: init[k] for k in ("weight_decay", "lr_multipliers", "bias_lr_factor", "no_decay_names",
+                                   "decay_1d_params", "warmup_start_factor", "lr_schedule", "min_lr_ratio")}
+    assert recipe["warmup_start_factor"] == 0.1 and recipe["min_lr_ratio"] == 0.0
+    model = _model(image=image, num_classes=5, **{k: v for k, v in recipe.items() if k != "weight_decay"},
+                   weight_decay=recipe["weight_decay"])
+    model.optimizer_factory = lambda groups: torch.optim.Adam(groups, **opt["init_args"])
+    optimizer = model.configure_optimizers()["optimizer"]
+    base = opt["init_args"]["lr"]
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(where) == len(trainable)
+    for name, p in trainable:
+        lr, wd = _irra_expected(name, base, recipe["weight_decay"], new_layers)
+        assert where[id(p)] == (pytest.approx(lr), pytest.approx(wd)), name
+    assert {lr for lr, _ in where.values()} == {base, 2 * base, 5 * base}

@@ -15,6 +15,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pedlightning.data.faults import ErrorCounter
+from pedlightning.data.loading import ReportingLoader
+
 
 class PartsDataset(Dataset):
     """The concatenation of ``parts``; item ``i`` is its part's item with ``part`` added."""
@@ -72,9 +75,9 @@ class PartBatchSampler(Sampler[list[int]]):
 
 
 def parts_loader(parts: Sequence[Dataset], batch_size: int, num_workers: int, num_replicas: int = 1, rank: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False, faults: Sequence[ErrorCounter] = (), name: str = "evaluation") -> DataLoader:
     """A single in-order evaluation loader over ``parts`` (see the module docstring)."""
     dataset = PartsDataset(parts)
     sampler = PartBatchSampler([len(p) for p in parts], batch_size, num_replicas, rank)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+    return ReportingLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                           persistent_workers=num_workers > 0, faults=faults, name=name)

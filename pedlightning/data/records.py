@@ -60,7 +60,8 @@ class PersonAnnotation:
 class PersonSample:
     """What a per-sample transform of unlabeled / LUPerson-TA data receives.
 
-    ``image`` is the decoded RGB image (PIL), ``key`` its shard key (or file index), ``annotation`` its
+    ``image`` is the decoded RGB image (PIL; a CHW uint8 tensor for a transform that ``reads_tensors``), ``key``
+    its shard key (or file index), ``annotation`` its
     LUPerson-TA annotation (empty for plain LUPerson), ``epoch`` the training epoch (for draws that must be
     deterministic per epoch, such as which caption a sample shows).
     """

@@ -1,7 +1,7 @@
 """WebDataset shards of person images (LUPerson, LUPerson-TA): writing them, and streaming them correctly under DDP.
 
 Writing: :func:`write_shards` packs image files into ``shard-000000.tar`` ... (original bytes, no re-encoding)
-plus a ``shards.json`` manifest with the sample count of every shard.
+plus a ``shards.json`` manifest with the sample count and byte size of every shard.
 
 Reading (:class:`ShardStream` + :class:`EpochLoader`), with the known pitfalls of webdataset designed out:
 
@@ -20,8 +20,10 @@ Reading (:class:`ShardStream` + :class:`EpochLoader`), with the known pitfalls o
 - Rank and world size are captured in ``setup`` (not read in the worker, where the process group of a
   spawned process is invisible). The epoch lives in shared memory, so persistent workers see each new one.
 
-Unreadable shards, images and LUPerson-TA annotations are counted (``ErrorCounter``, shared by all workers of a rank) and logged with
-their shard and key; ``on_error="fail"`` raises a :class:`DatasetLayoutError` naming them instead.
+Unreadable shards, images and LUPerson-TA annotations are counted (``ErrorCounter``, shared by all workers of a
+rank) and logged with their shard and key; ``on_error="fail"`` raises a :class:`DatasetLayoutError` naming them
+instead. ``shards.json`` is checked, not trusted (:func:`read_manifest`, :func:`usable_shards`): its format and
+total when read, each shard's byte size at setup (one ``stat``), each shard's sample count when the shard is read.
 """
 
 from __future__ import annotations
@@ -45,52 +47,21 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pedlightning.data.faults import ErrorCounter, OnError, decode_image
+from pedlightning.data.progress import progress
 from pedlightning.data.records import PersonAnnotation, PersonSample
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.sources.base import IMAGE_EXTENSIONS
 from pedlightning.data.sources.luperson import parse_annotation
+from pedlightning.data.transforms.batched import decode_rgb
 from pedlightning.data.transforms.samples import SampleTransform, as_sample_transform
 from pedlightning.errors import ConfigError, DatasetLayoutError
 
 log = logging.getLogger(__name__)
 
-OnError = Literal["skip", "fail"]
 ShardSampling = Literal["split", "resampled"]
 MANIFEST = "shards.json"
 _IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS) + ("webp",)
-
-
-class ErrorCounter:
-    """A count shared between the main process and loader workers (fork or spawn), plus a policy."""
-
-    def __init__(self, policy: OnError = "skip"):
-        if policy not in ("skip", "fail"):
-            raise ConfigError(f"on_error must be 'skip' or 'fail', got {policy!r}")
-        self.policy = policy
-        self._value = multiprocessing.get_context().Value("q", 0)
-
-    @property
-    def count(self) -> int:
-        return int(self._value.value)
-
-    def reset(self) -> None:
-        with self._value.get_lock():
-            self._value.value = 0
-
-    def record(self, what: str, err: BaseException | str) -> None:
-        """Count and log one unreadable item, or raise under the ``fail`` policy."""
-        message = f"{what}: {err}"
-        if self.policy == "fail":
-            raise DatasetLayoutError(f"{message}\n(set on_error: skip to count and skip unreadable samples)")
-        with self._value.get_lock():
-            self._value.value += 1
-        log.warning("skipping unreadable sample, %s", message)
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes to RGB (``Image.open`` alone would not notice a truncated JPEG)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -172,7 +143,7 @@ def _pack(paths: Sequence[str], folder: str, shard_size: int, root: str | None, 
     results = pool.imap(_read_checked, jobs, chunksize=32) if pool else map(_read_checked, jobs)
     tar, index = None, 0
     try:
-        for path, data, error in results:
+        for path, data, error in progress(results, len(paths), "make-shards"):
             if data is None:
                 errors.record(f"image {path}", error)
                 summary.skipped.append((path, error))
@@ -194,12 +165,21 @@ def _pack(paths: Sequence[str], folder: str, shard_size: int, root: str | None, 
             pool.terminate()
     if not summary.shards:
         raise DatasetLayoutError(f"no readable image among the {len(paths)} given; nothing was written")
-    manifest = {"shards": [{"name": os.path.basename(s), "num_samples": n}
-                           for s, n in zip(summary.shards, summary.num_samples)],
-                "num_samples": summary.total, "skipped": [{"path": p, "error": e} for p, e in summary.skipped]}
-    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
+    write_manifest(folder, summary.shards, summary.num_samples, summary.skipped)
     return summary
+
+
+def write_manifest(folder: str, shards: Sequence[str], num_samples: Sequence[int],
+                   skipped: Sequence[tuple[str, str]] = ()) -> str:
+    """Write ``<folder>/shards.json``: per shard its name, sample count and byte size (checked when read), the
+    total, and the files left out with their reasons."""
+    manifest = {"shards": [{"name": os.path.basename(s), "num_samples": int(n), "bytes": os.path.getsize(s)}
+                           for s, n in zip(shards, num_samples)],
+                "num_samples": int(sum(num_samples)), "skipped": [{"path": p, "error": e} for p, e in skipped]}
+    path = os.path.join(folder, MANIFEST)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -217,17 +197,89 @@ def count_samples(shard: str) -> int:
     return len(keys)
 
 
+def read_manifest(folder: str) -> dict[str, dict[str, int]] | None:
+    """The entries of ``<folder>/shards.json`` by shard name (``num_samples``, and ``bytes`` when recorded), or
+    ``None`` without one. A malformed manifest, or one whose total is not the sum of its shards, raises a
+    DatasetLayoutError naming the file and the entry."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise DatasetLayoutError(f"shard manifest {path}: not readable JSON ({err})") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise DatasetLayoutError(f"shard manifest {path}: expected an object with a 'shards' list "
+                                 f"(written by pedlightning make-shards)")
+    entries: dict[str, dict[str, int]] = {}
+    for number, entry in enumerate(manifest["shards"]):
+        fields = entry if isinstance(entry, dict) else {}
+        name, count, size = fields.get("name"), fields.get("num_samples"), fields.get("bytes")
+        if (not isinstance(name, str) or not _is_count(count) or (size is not None and not _is_count(size))
+                or os.path.basename(name) != name):
+            raise DatasetLayoutError(f"shard manifest {path}: shards[{number}] must be {{\"name\": <file name>, "
+                                     f"\"num_samples\": <int >= 0>[, \"bytes\": <int >= 0>]}}, got {entry!r:.200}")
+        if name in entries:
+            raise DatasetLayoutError(f"shard manifest {path}: shard {name} is listed twice")
+        entries[name] = {"num_samples": count} if size is None else {"num_samples": count, "bytes": size}
+    declared = sum(e["num_samples"] for e in entries.values())
+    total = manifest.get("num_samples", declared)
+    if total != declared:
+        raise DatasetLayoutError(f"shard manifest {path}: num_samples says {total} but its shards add up to "
+                                 f"{declared}; the manifest was edited or belongs to other shards")
+    return entries
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def usable_shards(shards: Sequence[str], errors: ErrorCounter | None = None) -> tuple[list[str], list[int]]:
+    """The shards that can be planned with, and their sample counts.
+
+    Counts come from the ``shards.json`` next to the shards (cheap: one ``stat`` per shard checks its recorded
+    byte size) or, for shards it does not list, from the tar headers. A shard whose size differs from the
+    manifest's (truncated, or rewritten without its manifest), whose headers cannot be read, or that the
+    manifest lists but is missing, is an error under ``errors``' policy: raised naming it (``fail``, the default
+    without ``errors``), or counted, named in a warning and left out (``skip``).
+    """
+    errors = errors or ErrorCounter("fail")
+    manifests: dict[str, dict[str, dict[str, int]] | None] = {}
+    kept, sizes = [], []
+    for shard in shards:
+        folder, name = os.path.split(shard)
+        if folder not in manifests:
+            manifests[folder] = read_manifest(folder)
+        entry = (manifests[folder] or {}).get(name)
+        if entry is None:
+            try:
+                sizes.append(count_samples(shard))
+            except DatasetLayoutError as err:
+                errors.record(f"shard {shard}", str(err).removeprefix(f"cannot read shard {shard}: "))
+                continue
+        else:
+            actual = os.path.getsize(shard) if os.path.isfile(shard) else None
+            if "bytes" in entry and actual != entry["bytes"]:
+                found = "missing" if actual is None else f"{actual} bytes"
+                errors.record(f"shard {shard}", f"{found}, but {os.path.join(folder, MANIFEST)} records "
+                                                f"{entry['bytes']} (truncated, or rewritten without its manifest)")
+                continue
+            sizes.append(entry["num_samples"])
+        kept.append(shard)
+    for folder, entries in manifests.items():
+        for name in sorted(entries or {}):
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                errors.record(f"shard {path}", f"listed in {os.path.join(folder, MANIFEST)} but missing")
+    if not kept:
+        raise DatasetLayoutError(f"none of the {len(shards)} shards is usable (see the warnings above)")
+    return kept, sizes
+
+
 def shard_sizes(shards: Sequence[str]) -> list[int]:
-    """Samples per shard, from the ``shards.json`` manifest next to them when it lists them all, else counted."""
-    folders = {os.path.dirname(s) for s in shards}
-    known: dict[str, int] = {}
-    for folder in folders:
-        manifest = os.path.join(folder, MANIFEST)
-        if os.path.isfile(manifest):
-            with open(manifest, encoding="utf-8") as f:
-                entries = json.load(f).get("shards", [])
-            known.update({os.path.join(folder, e["name"]): int(e["num_samples"]) for e in entries})
-    return [known[s] if s in known else count_samples(s) for s in shards]
+    """Samples per shard (see :func:`usable_shards`); any unusable shard raises an error naming it."""
+    return usable_shards(shards)[1]
 
 
 def batches_per_rank(sizes: Sequence[int], world_size: int, batch_size: int, mode: ShardSampling = "split",
@@ -277,16 +329,23 @@ class ShardStream(IterableDataset):
         rank, world_size: this process's place in the job (from the trainer, at setup time).
         errors: counter and policy for unreadable shards and images.
         attribute_names: the order of the annotation's attribute vector (PA-100K's by default).
+        num_samples: the planned sample count of every shard (:func:`usable_shards`); a shard that turns out to
+            hold another number (the manifest was wrong, or the shard is truncated mid-way, which tar readers
+            see as a clean end) is an error under ``errors``' policy, named when the shard has been read.
     """
 
     def __init__(self, shards: Sequence[str], transform: SampleTransform | Callable[[Image.Image], dict[str, Any]],
                  mode: ShardSampling = "split", shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0,
                  world_size: int = 1, errors: ErrorCounter | None = None,
-                 attribute_names: Sequence[str] = PA100K_ATTRIBUTES):
+                 attribute_names: Sequence[str] = PA100K_ATTRIBUTES, num_samples: Sequence[int] | None = None):
         if mode not in ("split", "resampled"):
             raise ConfigError(f"shard_sampling must be 'split' or 'resampled', got {mode!r}")
+        if num_samples is not None and len(num_samples) != len(shards):
+            raise ConfigError(f"num_samples has {len(num_samples)} counts for {len(shards)} shards")
         self.shards = list(shards)
+        self.planned = dict(zip(self.shards, num_samples)) if num_samples is not None else {}
         self.transform = as_sample_transform(transform)
+        self._decode = decode_rgb if getattr(self.transform, "reads_tensors", False) else decode_image
         self.attribute_names = tuple(attribute_names)
         self.mode = mode
         self.shuffle_buffer = shuffle_buffer
@@ -312,16 +371,28 @@ class ShardStream(IterableDataset):
         random.Random(_seed(self.seed, self.epoch)).shuffle(order)
         return iter(order[self.rank::self.world_size][worker::num_workers])
 
-    def _tar_error(self, err: Exception) -> bool:
-        """WebDataset's handler: it appends the shard's url to ``err.args``; count (or raise) and go on."""
-        urls = [a for a in err.args[1:] if isinstance(a, str)]
-        self.errors.record(f"shard {urls[-1] if urls else '?'}", err.args[0] if err.args else repr(err))
-        return True
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard; then its count is checked against the plan, unless it was unreadable."""
+        failed = []
+
+        def handler(err: Exception) -> bool:  # WebDataset's handler protocol: count (or raise) and go on
+            failed.append(err)
+            self.errors.record(f"shard {url}", err.args[0] if err.args else repr(err))
+            return True
+
+        count = 0
+        for sample in wds.tarfile_samples(iter([{"url": url}]), handler=handler):
+            count += any(e in sample for e in _IMAGE_SUFFIXES)
+            yield sample
+        planned = self.planned.get(url)
+        if planned is not None and count != planned and not failed:
+            self.errors.record(f"shard {url}", f"holds {count} images but {planned} were planned (from "
+                                               f"{MANIFEST} or its tar headers); its epoch share is off")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        samples = wds.tarfile_samples(({"url": url} for url in self.worker_shards()), handler=self._tar_error)
+        samples = itertools.chain.from_iterable(map(self._shard_samples, self.worker_shards()))
         if self.shuffle_buffer > 1:
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "samples"))
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
@@ -332,7 +403,7 @@ class ShardStream(IterableDataset):
                 self.errors.record(f"sample {key} in {url}", f"no image member (.{', .'.join(_IMAGE_SUFFIXES)})")
                 continue
             try:
-                image = decode_image(sample[ext])
+                image = self._decode(sample[ext])
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
                 self.errors.record(f"image {key}.{ext} in {url}", f"{type(err).__name__}: {err}")
                 continue
@@ -341,7 +412,8 @@ class ShardStream(IterableDataset):
                 try:
                     annotation = parse_annotation(sample["json"], self.attribute_names, f"{url}: {key}.json")
                 except DatasetLayoutError as err:
-                    self.errors.record("annotation", str(err).splitlines()[0])  # names the shard and key
+                    where = f"{url}: {key}.json: "
+                    self.errors.record(f"annotation {where[:-2]}", str(err).splitlines()[0].removeprefix(where))
                     continue
             yield {**self.transform(PersonSample(image, key, annotation, self.epoch)), "key": key}
 

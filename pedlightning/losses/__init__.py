@@ -1,4 +1,4 @@
-"""Losses: triplet (reID), contrastive (MoCo, CLIP, SDM; exact under DDP), weighted BCE (attributes).
+"""Losses: triplet and centre (reID), contrastive (MoCo, CLIP, SDM; exact under DDP), weighted BCE (attributes).
 
 The ID loss is `torch.nn.functional.cross_entropy(logits, pids, label_smoothing=eps)`; its local mean is
 already exact under DDP's gradient averaging when ranks have equal batches.
@@ -19,9 +19,10 @@ from pedlightning.losses.distributed import (
     global_batch,
     is_distributed,
 )
-from pedlightning.losses.reid import TripletLoss, TripletOutput, pairwise_euclidean
+from pedlightning.losses.reid import CenterLoss, TripletLoss, TripletOutput, pairwise_euclidean
 
 __all__ = [
+    "CenterLoss",
     "GlobalBatch",
     "TripletLoss",
     "TripletOutput",

@@ -1,4 +1,4 @@
-"""Metric-learning loss for person reID. The ID loss is `F.cross_entropy(logits, pids, label_smoothing=eps)`."""
+"""Metric-learning losses for person reID. The ID loss is `F.cross_entropy(logits, pids, label_smoothing=eps)`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TripletLoss", "TripletOutput", "pairwise_euclidean"]
+__all__ = ["CenterLoss", "TripletLoss", "TripletOutput", "pairwise_euclidean"]
 
 
 class TripletOutput(NamedTuple):
@@ -66,3 +66,22 @@ class TripletLoss(nn.Module):
         else:
             losses = F.relu(dist_ap - dist_an + self.margin)
         return TripletOutput(losses.mean(), dist_ap.detach().mean(), dist_an.detach().mean())
+
+
+class CenterLoss(nn.Module):
+    """Centre loss of Wen et al. (ECCV 2016) as Bag of Tricks (Luo et al. 2019, Sec. 4.5) uses it.
+
+    One learnable centre per identity (``centers``, ``(num_classes, feat_dim)``, initialised N(0, 1) as Bag of
+    Tricks' code); the loss is the batch mean of ``||f_i - c_{y_i}||^2``, each term clamped to [1e-12, 1e12] as
+    that code does (Wen et al. write 1/2 of the sum; Bag of Tricks takes the mean without the 1/2). Gradients
+    reach both the features and the centres; how the centres are updated is the caller's choice
+    (:class:`pedlightning.tasks.ReIDModule` option ``center_lr``).
+    """
+
+    def __init__(self, num_classes: int, feat_dim: int):
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+
+    def forward(self, features: Tensor, pids: Tensor) -> Tensor:
+        diff = features.float() - self.centers[pids].float()
+        return diff.pow(2).sum(dim=1).clamp(min=1e-12, max=1e12).mean()

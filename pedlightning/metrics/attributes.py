@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -16,7 +16,11 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 
-def attribute_metrics(probs: Any, targets: Any, threshold: float = 0.5) -> dict[str, Any]:
+UnlabelledPredictions = Literal["ignore", "false_positive"]
+
+
+def attribute_metrics(probs: Any, targets: Any, threshold: float = 0.5,
+                      unlabelled_predictions: UnlabelledPredictions = "ignore") -> dict[str, Any]:
     """Label-based and instance-based metrics of multi-label attribute predictions.
 
     The protocol of PA-100K (Liu et al., ICCV 2017) as computed by the strong baseline (Jia et al., "Rethinking of
@@ -26,6 +30,13 @@ def attribute_metrics(probs: Any, targets: Any, threshold: float = 0.5) -> dict[
     - `accuracy`, `precision`, `recall`: per image |P & T| / |P | T|, |P & T| / |P|, |P & T| / |T|, averaged.
     - `f1`: 2 P R / (P + R) from the mean precision and recall.
     - `per_attribute`: dict of (num_attributes,) float64 tensors `mA`, `pos_recall` (TPR), `neg_recall` (TNR).
+    - `num_unlabelled`: how many (image, attribute) targets are -1.
+
+    Unlabelled targets (-1, as datasets annotated by several sources use for "not annotated") are left out of their
+    attribute's TP/FN/TN/FP counts, hence of mA; T never contains them. `unlabelled_predictions` says what a
+    positive prediction on an unlabelled target does to the instance metrics: "ignore" leaves it out of P too (the
+    image is scored on its labelled attributes only); "false_positive" keeps it in P, so it lowers that image's
+    precision and accuracy, which is what the strong baseline's code does (its P counts every predicted attribute).
 
     Assumption (as the strong baseline's eps-guarded divisions): a ratio with an empty denominator is 0, never NaN:
     an image with no predicted attribute has precision 0; an attribute with no positive (negative) target has
@@ -33,23 +44,38 @@ def attribute_metrics(probs: Any, targets: Any, threshold: float = 0.5) -> dict[
     every image has an age-group label, so T is never empty.
 
     Args:
-        probs: (N, A) probabilities in [0, 1]; apply the sigmoid first (logits are rejected).
-        targets: (N, A) binary labels.
+        probs: (N, A) probabilities in [0, 1] (apply the sigmoid first; logits are rejected), or hard 0/1
+            predictions (integer or bool), which any threshold in [0, 1) reads as given.
+        targets: (N, A) labels: 1 positive, 0 negative, -1 unlabelled.
         threshold: decision threshold on the probabilities.
+        unlabelled_predictions: "ignore" or "false_positive", see above.
     """
     p, t = torch.as_tensor(probs).detach(), torch.as_tensor(targets).detach()
     if p.ndim != 2 or p.shape != t.shape or p.numel() == 0:
         raise EvaluationError(f"probs and targets must be non-empty (num_images, num_attributes) arrays of the same "
                               f"shape, got {tuple(p.shape)} and {tuple(t.shape)}")
-    if not p.is_floating_point() or not torch.isfinite(p).all() or p.min() < 0 or p.max() > 1:
+    if unlabelled_predictions not in ("ignore", "false_positive"):
+        raise EvaluationError(f"unlabelled_predictions must be 'ignore' or 'false_positive', "
+                              f"got {unlabelled_predictions!r}")
+    if not 0.0 <= threshold < 1.0:
+        raise EvaluationError(f"threshold must lie in [0, 1), got {threshold!r}")
+    if p.is_complex() or not (p.is_floating_point() or p.dtype == torch.bool or ((p == 0) | (p == 1)).all()):
+        raise EvaluationError(f"probs must be probabilities in [0, 1] or hard 0/1 predictions, got dtype {p.dtype} "
+                              f"with values outside {{0, 1}}")
+    p = p.double()
+    if not torch.isfinite(p).all() or p.min() < 0 or p.max() > 1:
         raise EvaluationError("probs must be finite probabilities in [0, 1]; apply torch.sigmoid to logits first")
-    if not ((t == 0) | (t == 1)).all():
-        raise EvaluationError("targets must be binary (0/1) attribute labels")
-    pred, gt = p.double() > threshold, t.to(p.device).bool()
-    tp, tn = (pred & gt).double(), (~pred & ~gt).double()
+    if t.is_complex() or not ((t == 0) | (t == 1) | (t == -1)).all():
+        raise EvaluationError("targets must be attribute labels 1 (positive), 0 (negative) or -1 (unlabelled)")
+    t = t.to(p.device)
+    pred, gt, labelled = p > threshold, t == 1, t != -1
+    neg = labelled & ~gt
+    tp, tn = (pred & gt).double(), (~pred & neg).double()
     pos_recall = _ratio(tp.sum(0), gt.sum(0).double())
-    neg_recall = _ratio(tn.sum(0), (~gt).sum(0).double())
+    neg_recall = _ratio(tn.sum(0), neg.sum(0).double())
     label_ma = (pos_recall + neg_recall) / 2
+    if unlabelled_predictions == "ignore":
+        pred = pred & labelled
     inter = tp.sum(1)
     precision = _ratio(inter, pred.sum(1).double()).mean()
     recall = _ratio(inter, gt.sum(1).double()).mean()
@@ -61,6 +87,7 @@ def attribute_metrics(probs: Any, targets: Any, threshold: float = 0.5) -> dict[
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),
+        "num_unlabelled": int((~labelled).sum()),
         "per_attribute": {"mA": label_ma.cpu(), "pos_recall": pos_recall.cpu(), "neg_recall": neg_recall.cpu()},
     }
 
@@ -68,21 +95,22 @@ def attribute_metrics(probs: Any, targets: Any, threshold: float = 0.5) -> dict[
 class AttributeMetric(SampleMetric):
     """`attribute_metrics` over a whole evaluation set, exact under DDP.
 
-    `update(probs, targets, indices)` collects samples; `indices` (dataset indices) drop the duplicates that
-    DistributedSampler padding adds. Sum states would count them twice.
+    `update(probs, targets, indices)` collects samples (targets 1/0, -1 for unlabelled); `indices` (dataset indices)
+    drop the duplicates that DistributedSampler padding adds. Sum states would count them twice.
     """
 
-    def __init__(self, threshold: float = 0.5, **kwargs: Any):
+    def __init__(self, threshold: float = 0.5, unlabelled_predictions: UnlabelledPredictions = "ignore",
+                 **kwargs: Any):
         super().__init__(("probs", "targets"), **kwargs)
-        self.threshold = threshold
+        self.threshold, self.unlabelled_predictions = threshold, unlabelled_predictions
 
     def update(self, probs: Tensor, targets: Tensor, indices: Tensor) -> None:
         probs, targets = torch.as_tensor(probs), torch.as_tensor(targets, device=self.device)
         if probs.ndim != 2 or probs.shape != targets.shape:
             raise EvaluationError(f"AttributeMetric.update: probs and targets must be (batch, num_attributes) of "
                                   f"the same shape, got {tuple(probs.shape)} and {tuple(targets.shape)}")
-        self._append(indices, len(probs), probs=probs, targets=targets.to(torch.uint8))
+        self._append(indices, len(probs), probs=probs, targets=targets.to(torch.int8))  # -1 = unlabelled
 
     def compute(self) -> dict[str, Any]:
         s = self.samples(check=("targets",))
-        return attribute_metrics(s["probs"], s["targets"], self.threshold)
+        return attribute_metrics(s["probs"], s["targets"], self.threshold, self.unlabelled_predictions)

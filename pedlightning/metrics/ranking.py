@@ -6,10 +6,17 @@ queries is sorted once (values only) and the rank of every positive is read off 
 loop, and nothing of size (queries x gallery) lives beyond one block. MSMT17 (11,659 x 82,161) would need 3.8 GB for
 its float32 distance matrix alone.
 
-Ties: a positive whose distance equals a negative's is ranked after that negative. Ties never help the score, and the
-result does not depend on gallery order (degenerate, constant features score worst-case instead of an arbitrary
-order-dependent value). Reference codes break ties however `np.argsort` happens to: exact float32 ties are not rare
-(thousands of tied pairs in a Market-size matrix), but they moved mAP by less than 1e-6 in benchmarks/reid_eval.py.
+Ties (`TieRule`, default "pessimistic"): a positive whose distance equals a negative's can be ranked after it
+("pessimistic": the lowest score any order of the tied items gives, and independent of gallery order, so degenerate
+constant features score worst-case instead of an arbitrary order-dependent value), in gallery order ("gallery_order":
+what a stable sort of the distances gives, e.g. `np.argsort(kind="stable")`) or before it ("optimistic": the highest
+score). The reference codes (torchreid's and fast-reid's `np.argsort`, IRRA's `torch.argsort`) use unstable sorts:
+on AVX-512 CPUs numpy and torch sort tied values in no defined order, so their results on tied inputs lie between
+"optimistic" and "pessimistic" and match "gallery_order" only where their sort happens to be stable. Exact float32
+ties are not rare (thousands of tied pairs in a Market-size matrix of continuous features), but there the rule moves
+the metrics by less than 1e-7; binarised or coarsely quantised features tie constantly: Market-size features
+binarised by sign score mAP 0.1073 / 0.1095 / 0.1115 and rank-1 0.285 / 0.297 / 0.307 under pessimistic /
+gallery_order / optimistic (benchmarks/reid_eval.py --tie-demo).
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from torchmetrics.utilities import dim_zero_cat
 from pedlightning.errors import EvaluationError
 
 DistanceMetric = Literal["cosine", "euclidean"]
+TieRule = Literal["pessimistic", "gallery_order", "optimistic"]
+TIE_RULES: dict[str, str] = {
+    "pessimistic": "a positive tied with negatives ranks after them",
+    "gallery_order": "tied items keep their gallery order (a stable sort)",
+    "optimistic": "a positive tied with negatives ranks before them",
+}
+"""Each tie rule with the one-line description that `describe_ties` reports next to the metrics."""
 DistanceFn = Callable[[int, int], Tensor]
 """`distance(start, stop)` -> a new (stop - start, num_gallery) float32 tensor of distances of queries start..stop;
 smaller = closer. `rank_queries` overwrites it in place."""
@@ -50,7 +64,8 @@ def as_features(x: Any, name: str) -> Tensor:
     if t.dtype == torch.bool or t.is_complex():
         raise EvaluationError(f"{name} must hold real numbers, got dtype {t.dtype}")
     t = t.float()
-    if not torch.isfinite(t).all():
+    low, high = torch.aminmax(t)  # one pass, and NaN propagates: cheaper than isfinite(t).all() on a gallery
+    if not (torch.isfinite(low) and torch.isfinite(high)):
         bad = int((~torch.isfinite(t)).any(1).sum())
         raise EvaluationError(f"{name} contains NaN or infinite values in {bad} of {len(t)} rows")
     return t
@@ -122,6 +137,17 @@ def _mean(x: Tensor) -> float:
     return float(x.mean()) if len(x) else float("nan")
 
 
+def check_ties(ties: str) -> TieRule:
+    if ties not in TIE_RULES:
+        raise EvaluationError(f"ties must be one of {', '.join(map(repr, TIE_RULES))}, got {ties!r}")
+    return ties  # type: ignore[return-value]
+
+
+def describe_ties(ties: TieRule) -> str:
+    """The tie rule in words, for the line that reports the metrics."""
+    return f"ties: {ties} ({TIE_RULES[check_ties(ties)]})"
+
+
 def check_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
     ranks = tuple(ranks)
     if not ranks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ranks):
@@ -137,6 +163,7 @@ def rank_queries(
     gallery_groups: Tensor | None = None,
     *,
     block_size: int | None = None,
+    ties: TieRule = "pessimistic",
 ) -> RankingResult:
     """Rank the gallery for every query and score the ranks of its positives, one block of queries at a time.
 
@@ -144,8 +171,10 @@ def rank_queries(
     shares the query's group is excluded from the ranking altogether (Market-1501/MSMT17 protocol); negatives of the
     same group stay. AP (mean precision at each positive), CMC (rank of the first positive) and INP (Ye et al.,
     "Deep Learning for Person Re-identification: A Survey", TPAMI 2021, Eq. 8: number of positives / rank of the
-    hardest positive) are computed per query; queries with no positive are skipped and counted.
+    hardest positive) are computed per query; queries with no positive are skipped and counted. `ties` orders a
+    positive and a negative at equal distance (see the module docstring).
     """
+    ties = check_ties(ties)
     num_query, num_gallery = len(query_labels), len(gallery_labels)
     if (query_groups is None) != (gallery_groups is None):
         raise EvaluationError("query_groups and gallery_groups must be given together")
@@ -166,7 +195,7 @@ def rank_queries(
             excluded = query_groups[start:stop][rows] == gallery_groups[cols]
             dist[rows[excluded], cols[excluded]] = float("inf")  # sorts after every ranked item
             rows, cols = rows[~excluded], cols[~excluded]
-        block_ap, block_inp, block_first, block_skipped = _score_block(dist, rows, cols)
+        block_ap, block_inp, block_first, block_skipped = _score_block(dist, rows, cols, ties)
         ap.append(block_ap)
         inp.append(block_inp)
         first.append(block_first)
@@ -197,8 +226,12 @@ class _LabelIndex:
         return rows, self.order[pos]
 
 
-def _score_block(dist: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-    """AP, INP and first-hit rank of the queries (rows of `dist`) that have a positive at (rows, cols)."""
+def _score_block(dist: Tensor, rows: Tensor, cols: Tensor, ties: TieRule) -> tuple[Tensor, Tensor, Tensor, int]:
+    """AP, INP and first-hit rank of the queries (rows of `dist`) that have a positive at (rows, cols).
+
+    `rows` must be sorted and, within a row, `cols` ascending (as `_LabelIndex.positives` lists them), so that the
+    stable sort below orders tied positives by gallery position.
+    """
     num_pos = torch.bincount(rows, minlength=len(dist))
     pos_dist = dist[rows, cols]
     if not torch.isfinite(pos_dist).all():
@@ -207,13 +240,20 @@ def _score_block(dist: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tens
     slot = torch.arange(len(rows), device=dist.device) - (num_pos.cumsum(0) - num_pos)[rows]
     pos_sorted = dist.new_full((len(dist), width), float("inf"))
     pos_sorted[rows, slot] = pos_dist
-    pos_sorted = pos_sorted.sort(1).values
-    # negatives at or before each positive = (all items <= d) - (positives <= d); excluded items are +inf
-    all_before = torch.searchsorted(_sort_rows(dist), pos_sorted, right=True)
-    negatives_before = all_before - torch.searchsorted(pos_sorted, pos_sorted, right=True)
+    pos_sorted, order = pos_sorted.sort(dim=1, stable=True)
+    # negatives before each positive = (items before it) - (positives before it); excluded items are +inf
+    right = ties == "pessimistic"  # count items at the positive's distance as before it
+    all_sorted = _sort_rows(dist, in_place=ties != "gallery_order")  # gallery order reads `dist` again
+    negatives_before = (torch.searchsorted(all_sorted, pos_sorted, right=right)
+                        - torch.searchsorted(pos_sorted, pos_sorted, right=right))
     hit = torch.arange(1, width + 1, device=dist.device, dtype=torch.float64)
-    rank = hit + negatives_before.double()  # 1-based rank of the j-th positive
     valid = num_pos > 0
+    if ties == "gallery_order":
+        pos_cols = torch.full_like(pos_sorted, len(dist[0]), dtype=torch.int64)
+        pos_cols[rows, slot] = cols
+        negatives_before += _tied_negatives_before(dist, all_sorted, pos_sorted, pos_cols.gather(1, order),
+                                                   hit[None] <= num_pos[:, None])
+    rank = hit + negatives_before.double()  # 1-based rank of the j-th positive
     num_pos, rank = num_pos[valid].double(), rank[valid]
     counted = hit <= num_pos[:, None]
     ap = (hit / rank).where(counted, 0.0).sum(1) / num_pos
@@ -221,9 +261,38 @@ def _score_block(dist: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tens
     return ap, num_pos / hardest, rank[:, 0].long(), int((~valid).sum())
 
 
-def _sort_rows(x: Tensor) -> Tensor:
-    """Row-wise sorted values; numpy's SIMD sort is several times faster than torch.sort on CPU."""
+def _tied_negatives_before(dist: Tensor, all_sorted: Tensor, pos_sorted: Tensor, pos_cols: Tensor, counted: Tensor,
+                           budget: int = BLOCK_MEMORY_BYTES // 4) -> Tensor:
+    """Negatives at the same distance as a positive and earlier in the gallery, per sorted positive slot.
+
+    Only slots with a tied negative are looked at, a bounded number of gallery rows at a time (`budget` bytes): ties
+    are sparse in practice, and constant features still fit in memory.
+    """
+    tied_all = (torch.searchsorted(all_sorted, pos_sorted, right=True)
+                - torch.searchsorted(all_sorted, pos_sorted, right=False))
+    tied_pos = (torch.searchsorted(pos_sorted, pos_sorted, right=True)
+                - torch.searchsorted(pos_sorted, pos_sorted, right=False))
+    out = torch.zeros_like(tied_all)
+    row, slot = ((tied_all > tied_pos) & counted).nonzero(as_tuple=True)
+    positions = torch.arange(dist.shape[1], device=dist.device)
+    # tied positives with a smaller gallery position sit just before this slot (stable sort)
+    tied_pos_before = slot - torch.searchsorted(pos_sorted[row], pos_sorted[row, slot, None], right=False)[:, 0]
+    step = max(1, budget // max(dist.shape[1], 1))
+    for start in range(0, len(row), step):
+        r, s = row[start:start + step], slot[start:start + step]
+        col = pos_cols[r, s]
+        earlier = ((dist[r] == pos_sorted[r, s, None]) & (positions < col[:, None])).sum(1)
+        out[r, s] = earlier - tied_pos_before[start:start + step]
+    return out
+
+
+def _sort_rows(x: Tensor, in_place: bool = False) -> Tensor:
+    """Row-wise sorted values; numpy's SIMD sort is several times faster than torch.sort on CPU. `in_place` sorts
+    `x` itself, saving a copy of the block."""
     if x.device.type == "cpu":
+        if in_place:
+            x.numpy().sort(axis=1)
+            return x
         return torch.from_numpy(np.sort(x.numpy(), axis=1))
     return x.sort(dim=1).values
 

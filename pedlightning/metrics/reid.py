@@ -12,9 +12,12 @@ from pedlightning.errors import EvaluationError
 from pedlightning.metrics.ranking import (
     DistanceMetric,
     SampleMetric,
+    TieRule,
     as_features,
     as_labels,
     check_ranks,
+    check_ties,
+    describe_ties,
     feature_distance,
     prepare_features,
     rank_queries,
@@ -37,6 +40,7 @@ def reid_evaluate(
     k2: int = 6,
     lambda_value: float = 0.3,
     block_size: int | None = None,
+    ties: TieRule = "pessimistic",
 ) -> dict[str, float]:
     """Evaluate query features against a gallery as the community eval code does (torchreid, fast-reid).
 
@@ -51,6 +55,9 @@ def reid_evaluate(
         ranks: CMC ranks to report as `rank{k}`.
         rerank: k-reciprocal re-ranking (Zhong et al., CVPR 2017) with k1, k2 and lambda_value (paper defaults).
         block_size: queries ranked at once; None derives it from a 256 MiB budget.
+        ties: how a positive and a negative at equal distance are ordered: "pessimistic" (the positive after, the
+            default: the lowest score any order gives, independent of gallery order), "gallery_order" (as a stable
+            sort) or "optimistic" (the positive first). See `pedlightning.metrics.ranking`.
 
     Returns:
         `mAP`, `mINP`, `rank{k}` as fractions in [0, 1], and `num_valid_queries`.
@@ -58,7 +65,7 @@ def reid_evaluate(
     Raises:
         EvaluationError: malformed inputs, or no query has a valid match (see the message for the single-camera trap).
     """
-    ranks = check_ranks(ranks)
+    ranks, ties = check_ranks(ranks), check_ties(ties)
     q, g = as_features(query_feats, "query_feats"), as_features(gallery_feats, "gallery_feats")
     g = g.to(q.device)
     q_pids = as_labels(query_pids, "query_pids", len(q), q.device)
@@ -69,7 +76,7 @@ def reid_evaluate(
         distance = KReciprocalReranker(*prepare_features(q, g, metric), k1=k1, k2=k2, lambda_value=lambda_value)
     else:
         distance = feature_distance(q, g, metric)
-    result = rank_queries(distance, q_pids, g_pids, q_cams, g_cams, block_size=block_size)
+    result = rank_queries(distance, q_pids, g_pids, q_cams, g_cams, block_size=block_size, ties=ties)
     if result.num_valid == 0:
         raise EvaluationError(_no_valid_query_message(q_pids, g_pids, q_cams, g_cams))
     return {**result.summary(ranks), "num_valid_queries": result.num_valid}
@@ -95,15 +102,23 @@ class ReIDMetric(SampleMetric):
 
     `update(features, pids, camids, is_query, indices)` collects samples; `indices` are dataset indices (unique
     within the query set and within the gallery set) used to drop the duplicates DistributedSampler padding adds.
-    `compute()` returns the `reid_evaluate` dict.
+    `compute()` returns the `reid_evaluate` dict; `description` says how it was computed (distance, tie rule,
+    re-ranking), for the line that reports the numbers.
     """
 
     def __init__(self, metric: DistanceMetric = "cosine", ranks: Sequence[int] = (1, 5, 10), rerank: bool = False,
                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3, block_size: int | None = None,
-                 **kwargs: Any):
+                 ties: TieRule = "pessimistic", **kwargs: Any):
         super().__init__(("features", "pids", "camids", "is_query"), **kwargs)
         self.options = dict(metric=metric, ranks=check_ranks(ranks), rerank=rerank, k1=k1, k2=k2,
-                            lambda_value=lambda_value, block_size=block_size)
+                            lambda_value=lambda_value, block_size=block_size, ties=check_ties(ties))
+
+    @property
+    def description(self) -> str:
+        o = self.options
+        rerank = f"k-reciprocal re-ranking (k1={o['k1']}, k2={o['k2']}, lambda={o['lambda_value']})" \
+            if o["rerank"] else "no re-ranking"
+        return f"{o['metric']} distance, {describe_ties(o['ties'])}, {rerank}"
 
     def update(self, features: Tensor, pids: Tensor, camids: Tensor, is_query: bool | Tensor,
                indices: Tensor) -> None:

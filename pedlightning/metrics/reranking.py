@@ -11,6 +11,8 @@ queries at a time: peak memory is the features plus O(N * k1^2) plus one block.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,9 @@ class KReciprocalReranker:
             by each row's maximum over all Nq + Ng images, as in the authors' feature-based code. Assumption: for
             cosine evaluation pass L2-normalised features (d = 2 - 2 cos).
         k1: neighbours of the k-reciprocal sets R(p, k1) (paper: 20); the expansion uses round(k1 / 2).
-        k2: neighbours averaged by local query expansion (paper: 6; 1 disables it).
+        k2: neighbours averaged by local query expansion (paper: 6; 1 disables it). When there are fewer than
+            k1 + 1 (or k2) images in all, k1, k2 and round(k1 / 2) are lowered to what exists, with a warning naming
+            the values: the authors' code slices its neighbour lists, which does the same silently.
         lambda_value: weight of the original distance in the final distance (paper: 0.3).
         block_size: rows per block of the neighbour search; None picks it from the memory budget.
 
@@ -55,16 +59,20 @@ class KReciprocalReranker:
         for name, value in (("k1", k1), ("k2", k2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EvaluationError(f"re-ranking {name} must be a positive integer, got {value!r}")
-        if max(k1 + 1, k2) > n:
-            raise EvaluationError(f"re-ranking needs k1 + 1 = {k1 + 1} and k2 = {k2} neighbours but there are only "
-                                  f"{n} query + gallery images; lower k1/k2")
+        half = round(k1 / 2)
+        if max(k1 + 1, k2) > n:  # as the textbook code, whose neighbour-list slices stop at what exists
+            clamped = (min(k1, n - 1), min(k2, n), min(half, n - 1))
+            warnings.warn(f"re-ranking: k1 = {k1} needs k1 + 1 = {k1 + 1} neighbours and k2 = {k2} needs {k2}, but "
+                          f"there are only {n} query + gallery images; using k1 = {clamped[0]}, k2 = {clamped[1]} "
+                          f"and round(k1 / 2) = {clamped[2]}", UserWarning, stacklevel=2)
+            k1, k2, half = clamped
         if not 0.0 <= lambda_value <= 1.0:
             raise EvaluationError(f"re-ranking lambda_value must lie in [0, 1], got {lambda_value!r}")
         self.num_query, self.lambda_value = len(query), float(lambda_value)
         self._x, self._sq = x, (x * x).sum(1)
         neighbours, row_max = self._neighbours(max(k1 + 1, k2), block_size or auto_block_size(n, 12))
         self._row_max = row_max.clamp_min(torch.finfo(torch.float32).tiny)
-        crow, col, val = self._encode(neighbours, k1)
+        crow, col, val = self._encode(neighbours, k1, half)
         if k2 > 1:
             crow, col, val = _average_rows(crow, col, val, neighbours[:, :k2])
         self._query_crow, self._query_col, self._query_val = crow[: self.num_query + 1], col, val
@@ -86,9 +94,11 @@ class KReciprocalReranker:
         dot = torch.cat([(self._x[r] * self._x[c]).sum(1) for r, c in zip(row.split(chunk), col.split(chunk))])
         return (self._sq[row] + self._sq[col] - 2 * dot).clamp_min(0)
 
-    def _encode(self, neighbours: Tensor, k1: int, rows: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
-        """Sparse V (Eq. 7-9): Gaussian-kernel weights over each image's expanded k-reciprocal set, in CSR form."""
-        n, half = len(neighbours), round(k1 / 2)
+    def _encode(self, neighbours: Tensor, k1: int, half: int, rows: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+        """Sparse V (Eq. 7-9): Gaussian-kernel weights over each image's expanded k-reciprocal set, in CSR form.
+
+        `half` is round(k1 / 2), the size of the candidates' own reciprocal sets (Eq. 6)."""
+        n = len(neighbours)
         half_ok = torch.cat([_reciprocal(neighbours, half, torch.arange(s, min(s + 4096, n), device=neighbours.device))
                              for s in range(0, n, 4096)])
         cols, vals, lengths = [], [], []

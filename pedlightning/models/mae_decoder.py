@@ -12,6 +12,11 @@ Assumptions (each a constructor argument):
 - Queries and visible tokens attend to each other (MAE's full self-attention), pre-norm timm blocks.
 - One linear head per target; PersonMAE's pixel and feature targets use one decoder each by default
   (BootMAE, Dong et al. 2022), or share one (``PersonMAEModule(separate_decoders=False)``).
+- A query's position says where RegionB's patch centre lies in RegionA, not how large RegionB's patch is there
+  (RegionB is resized from a crop of another size, so one RegionB patch covers ``scale`` RegionA patches per
+  side). With ``query_scale`` the log of that scale (rows, cols) is added to every query through a linear map
+  initialised to zero (it starts as a no-op); without it the decoder can only infer the zoom from the spacing
+  of the query positions.
 """
 
 from __future__ import annotations
@@ -80,24 +85,32 @@ class RegionDecoder(nn.Module):
         decoder_dim, depth, num_heads, mlp_ratio: transformer size (MAE: 512, 8, 16, 4).
         pos_embed: ``sincos`` (fixed) or ``learned`` (interpolated), see the module docstring.
         num_prefix_tokens: leading encoder tokens without a position (CLS: 1).
+        query_scale: add RegionB's per-sample scale in RegionA's frame to the queries (see the module docstring).
+
+    The query token is named ``mask_token`` (its role in MAE) so the optimizer's no-weight-decay rule for MAE's
+    mask token (:func:`pedlightning.optim.param_groups`) exempts it too.
     """
 
     def __init__(self, embed_dim: int, out_dim: int, grid: Sequence[int], decoder_dim: int = 512, depth: int = 4,
                  num_heads: int = 16, mlp_ratio: float = 4.0, pos_embed: PosEmbedType = "sincos",
-                 num_prefix_tokens: int = 1):
+                 num_prefix_tokens: int = 1, query_scale: bool = False):
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.decoder_dim = decoder_dim
         self.num_prefix_tokens = num_prefix_tokens
         self.embed = nn.Linear(embed_dim, decoder_dim)
-        self.query_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.scale_embed = nn.Linear(2, decoder_dim) if query_scale else None
         self.pos_embed = LearnedPosEmbed2d(grid, decoder_dim) if pos_embed == "learned" else None
         self.blocks = nn.Sequential(*[Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(decoder_dim)
         self.head = nn.Linear(decoder_dim, out_dim)
-        trunc_normal_(self.query_token, std=0.02)
+        trunc_normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
+        if self.scale_embed is not None:
+            nn.init.zeros_(self.scale_embed.weight)
+            nn.init.zeros_(self.scale_embed.bias)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -115,16 +128,22 @@ class RegionDecoder(nn.Module):
             return self.pos_embed(positions)
         return sincos_pos_embed_2d(positions, self.decoder_dim)
 
-    def forward(self, tokens: torch.Tensor, visible_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, visible_pos: torch.Tensor, query_pos: torch.Tensor,
+                query_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Predictions ``(B, Q, out_dim)`` for queries at ``query_pos`` ``(B, Q, 2)``.
 
         ``tokens``: encoder output ``(B, prefix + K, embed_dim)`` for the ``K`` visible patches, whose
-        positions are ``visible_pos`` ``(B, K, 2)``.
+        positions are ``visible_pos`` ``(B, K, 2)``. ``query_scale`` ``(B, 2)``: size of one query patch in
+        RegionA patches (rows, cols); required when the decoder was built with ``query_scale=True``.
         """
         x = self.embed(tokens)
         p = self.num_prefix_tokens
         visible = x[:, p:] + self.position_embedding(visible_pos).to(x.dtype)
-        queries = self.query_token.expand(x.shape[0], query_pos.shape[1], -1)
+        queries = self.mask_token.expand(x.shape[0], query_pos.shape[1], -1)
         queries = queries + self.position_embedding(query_pos).to(x.dtype)
+        if self.scale_embed is not None:
+            if query_scale is None:
+                raise ValueError("this decoder was built with query_scale=True: pass query_scale (B, 2)")
+            queries = queries + self.scale_embed(query_scale.log().to(x.dtype)).unsqueeze(1)
         x = self.blocks(torch.cat([x[:, :p], visible, queries], dim=1))
         return self.head(self.norm(x[:, -query_pos.shape[1]:]))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import csv
+import os
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -26,8 +28,10 @@ class AttributeModule(TaskModule):
     per attribute by its training positive ratio r (Li et al., DeepMAR, ACPR 2015: exp(1 - r) on positives,
     exp(r) on negatives; see :func:`pedlightning.losses.weighted_bce`). An attribute is predicted when its sigmoid
     exceeds ``threshold``.
-    Metrics: label mA, instance accuracy / precision / recall / F1
-    (:class:`pedlightning.metrics.AttributeMetric`); the test run also prints a per-attribute table.
+    Metrics: label mA (on the progress bar during validation), instance accuracy / precision / recall / F1
+    (:class:`pedlightning.metrics.AttributeMetric`). Every evaluation also writes its per-attribute metrics to
+    ``<log_dir>/attributes_<stage>.csv`` (the logger's folder, else ``default_root_dir``; one row per attribute:
+    training positive ratio, mA, positive and negative recall), and the test run prints that table.
 
     Args:
         encoder: the image encoder (:class:`~pedlightning.models.encoders.ImageEncoderConfig`; ``img_size`` must
@@ -44,6 +48,9 @@ class AttributeModule(TaskModule):
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`; defaults
             follow the baseline (Adam, weight decay 5e-4; Assumption: cosine decay instead of its plateau decay).
     """
+
+    #: the metric shown on the progress bar.
+    main_metric: ClassVar[str] = "mA"
 
     def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(name="resnet50", drop_path_rate=0.0,
                                                                         last_stride=2),
@@ -117,9 +124,12 @@ class AttributeModule(TaskModule):
         results = metric.compute()
         metric.reset()
         scalars = {f"{prefix}/{k}": float(results[k]) for k in ("mA", "accuracy", "precision", "recall", "f1")}
-        self.log_dict(scalars, sync_dist=False)
+        main = f"{prefix}/{self.main_metric}"
+        self.log(main, scalars[main], prog_bar=True, sync_dist=False)
+        self.log_dict({k: v for k, v in scalars.items() if k != main}, sync_dist=False)
         rank_zero_info(f"attributes {prefix}: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in scalars.items())
                        + " (chance: mA 0.5 for any constant prediction)")
+        self.write_attribute_csv(results["per_attribute"], prefix)
         return results
 
     def on_validation_epoch_end(self) -> None:
@@ -129,9 +139,29 @@ class AttributeModule(TaskModule):
         results = self._log_metrics(self.test_metric, "test")
         rank_zero_info(self.attribute_table(results["per_attribute"]))
 
-    def attribute_table(self, per_attribute: dict[str, torch.Tensor]) -> str:
-        """A text table of the per-attribute metrics, one row per attribute, with the training positive ratio."""
+    def attribute_rows(self, per_attribute: dict[str, torch.Tensor]) -> tuple[list[str], list[list[object]]]:
+        """Header and one row per attribute: its name, training positive ratio, then the per-attribute metrics."""
         names = self.hparams.attribute_names or [f"attr{i}" for i in range(self.head.num_attributes)]
         columns = {"train_pos_ratio": self.positive_ratio.cpu(), **per_attribute}
-        rows = [[name] + [f"{float(v[i]):.4f}" for v in columns.values()] for i, name in enumerate(names)]
-        return format_table(["attribute", *columns], rows, title="Per-attribute test results")
+        return ["attribute", *columns], [[name, *(float(v[i]) for v in columns.values())]
+                                         for i, name in enumerate(names)]
+
+    def attribute_table(self, per_attribute: dict[str, torch.Tensor]) -> str:
+        """A text table of the per-attribute metrics, one row per attribute, with the training positive ratio."""
+        header, rows = self.attribute_rows(per_attribute)
+        cells = [[row[0], *(f"{v:.4f}" for v in row[1:])] for row in rows]
+        return format_table(header, cells, title="Per-attribute test results")
+
+    def write_attribute_csv(self, per_attribute: dict[str, torch.Tensor], stage: str) -> str | None:
+        """Write ``attributes_<stage>.csv`` beside the logs (global rank 0); returns its path there, else None."""
+        folder = self.trainer.log_dir or self.trainer.default_root_dir  # every rank: log_dir broadcasts
+        if not self.trainer.is_global_zero:
+            return None
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"attributes_{stage}.csv")
+        header, rows = self.attribute_rows(per_attribute)
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows([row[0], *(f"{v:.6f}" for v in row[1:])] for row in rows)
+        return path

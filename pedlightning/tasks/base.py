@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -16,7 +16,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from pedlightning.data.spec import DataSpec, SpecifiedData
 from pedlightning.errors import ConfigError
 from pedlightning.models.encoders import ImageEncoder, ImageEncoderConfig
-from pedlightning.optim import Schedule, build_scheduler, param_groups
+from pedlightning.optim import (
+    DEFAULT_NO_DECAY_NAMES,
+    Schedule,
+    apply_lr_factors,
+    build_scheduler,
+    check_schedule,
+    param_groups,
+)
 
 
 def encoder_config(value: ImageEncoderConfig | dict) -> ImageEncoderConfig:
@@ -27,28 +34,70 @@ def encoder_config(value: ImageEncoderConfig | dict) -> ImageEncoderConfig:
 class TaskModule(L.LightningModule):
     """What every task shares: optimisation, step-based schedules and the datamodule contract.
 
-    Schedules (warm-up, cosine decay, every ramp of a task) are functions of the optimizer step, computed from the
-    run's total number of optimizer steps (:attr:`total_steps`); :meth:`epochs_to_steps` converts a length given in
-    epochs with the run's real steps per epoch, so a run bounded by ``trainer.max_steps`` (``max_epochs`` unset)
-    warms up, peaks at the base lr and decays like one bounded by epochs.
+    Schedules (warm-up, cosine or step decay, every ramp of a task) are functions of the optimizer step, computed
+    from the run's total number of optimizer steps (:attr:`total_steps`); :meth:`epochs_to_steps` converts a length
+    given in epochs with the run's real steps per epoch, so a run bounded by ``trainer.max_steps`` (``max_epochs``
+    unset) warms up, peaks at the base lr and decays like one bounded by epochs. Every parameter group follows
+    the same schedule, each from its own initial lr (base lr x its lr factor).
+
+    Weight decay has one source, ``weight_decay`` here: it sets every parameter group's decay. An optimizer
+    given another ``weight_decay`` in its own arguments is a :class:`ConfigError` (a value equal to the default
+    of the optimizer class, or of the task's default optimizer, cannot be told from an unset one and is ignored).
 
     Args:
         optimizer: a callable that takes parameter groups and returns an optimizer
-            (YAML: ``optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 3.5e-4}}``).
-        weight_decay: applied to weight matrices only; biases, norms and embeddings get none.
-        lr_schedule: ``cosine`` (linear warm-up then cosine decay) or ``constant`` (warm-up then flat).
+            (YAML: ``optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 3.5e-4}}``); its ``lr`` is the
+            base lr.
+        weight_decay: the weight decay of every decayed parameter (see ``no_decay_names``, ``decay_1d_params``).
+        lr_schedule: ``cosine`` (warm-up then cosine decay to ``min_lr_ratio``), ``constant`` (warm-up then
+            flat) or ``step`` (warm-up, then x ``lr_gamma`` at each of ``lr_milestones_epochs``).
         warmup_epochs: linear warm-up length in epochs (fractions allowed); stepped per optimizer step.
-        min_lr_ratio: final lr as a fraction of the base lr.
+        min_lr_ratio: final lr of the cosine schedule as a fraction of each group's initial lr.
+        warmup_start_factor: the warm-up starts at this fraction of the base lr (0: from ~0; Bag of Tricks and
+            TransReID: 0.01; IRRA: 0.1). See :func:`pedlightning.optim.schedule_factor`.
+        lr_milestones_epochs: epochs at which ``lr_schedule: step`` multiplies the lr by ``lr_gamma``
+            (Bag of Tricks: [40, 70]).
+        lr_gamma: decay factor of the step schedule (0.1).
+        lr_multipliers: parameter-name pattern -> lr factor (fnmatch pattern or dotted prefix, first match wins,
+            replaces ``bias_lr_factor``), e.g. ``{classifier: 5.0}`` for IRRA's new layers; a pattern matching
+            no trainable parameter is a ConfigError.
+        bias_lr_factor: lr factor of biases (TransReID and IRRA: 2).
+        no_decay_names: parameter-name patterns without weight decay (default: biases, ViT position / class /
+            mask tokens, as timm and MAE); ``[]`` with ``decay_1d_params: true`` decays every parameter
+            (TransReID, Bag of Tricks).
+        decay_1d_params: also decay parameters of at most one dimension (norm weights, biases); off by default,
+            so norms are not decayed (timm, MAE).
+
+    ``test_time_options`` names the constructor arguments that only change evaluation (features, metric); the
+    CLI lets those be overridden when validating / testing / predicting from a checkpoint, every other model
+    argument comes from the checkpoint.
     """
 
+    #: evaluation-only constructor arguments, which a checkpoint run may override (see the class docstring).
+    test_time_options: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, weight_decay: float = 0.05,
-                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01):
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01, *,
+                 warmup_start_factor: float = 0.0, lr_milestones_epochs: Sequence[float] = (),
+                 lr_gamma: float = 0.1, lr_multipliers: dict[str, float] | None = None, bias_lr_factor: float = 1.0,
+                 no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES, decay_1d_params: bool = False):
         super().__init__()
+        check_schedule(lr_schedule, warmup_start_factor, min_lr_ratio, lr_milestones_epochs, lr_gamma,
+                       type(self).__name__)
+        if weight_decay < 0:
+            raise ConfigError(f"{type(self).__name__}: model.init_args.weight_decay must be >= 0, got {weight_decay}")
         self.optimizer_factory = optimizer
         self.weight_decay = weight_decay
         self.lr_schedule = lr_schedule
         self.warmup_epochs = warmup_epochs
         self.min_lr_ratio = min_lr_ratio
+        self.warmup_start_factor = warmup_start_factor
+        self.lr_milestones_epochs = tuple(lr_milestones_epochs)
+        self.lr_gamma = lr_gamma
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self.bias_lr_factor = bias_lr_factor
+        self.no_decay_names = tuple(no_decay_names)
+        self.decay_1d_params = decay_1d_params
         self._total_steps: int | None = None
 
     def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
@@ -126,12 +175,45 @@ class TaskModule(L.LightningModule):
         """The parameters the optimizer updates; subclasses exclude frozen teachers here."""
         return self
 
+    def build_param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: weight decay and lr factor per parameter (see the class docstring)."""
+        return param_groups(self.optimized_modules(), self.weight_decay, self.no_decay_names, self.decay_1d_params,
+                            self.lr_multipliers, self.bias_lr_factor)
+
+    def check_optimizer_weight_decay(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer's own ``weight_decay`` must not contradict ``weight_decay`` (the one that is used)."""
+        given = optimizer.defaults.get("weight_decay")
+        if given is None or math.isclose(given, self.weight_decay, rel_tol=1e-9, abs_tol=0.0):
+            return
+        defaults = {_weight_decay_default(type(optimizer))}
+        task_default = inspect.signature(type(self).__init__).parameters.get("optimizer")
+        if task_default is not None and isinstance(task_default.default, type):
+            defaults.add(_weight_decay_default(task_default.default))
+        if given in defaults:
+            return
+        raise ConfigError(f"{type(self).__name__}: optimizer.init_args.weight_decay={given} contradicts "
+                          f"model.init_args.weight_decay={self.weight_decay}; the model's value sets the weight decay "
+                          "of every parameter group: set it there and leave it out of optimizer.init_args")
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(param_groups(self.optimized_modules(), self.weight_decay))
+        optimizer = self.optimizer_factory(self.build_param_groups())
+        self.check_optimizer_weight_decay(optimizer)
+        apply_lr_factors(optimizer)
         total = self.total_steps
         warmup = int(round(self.epochs_to_steps(self.warmup_epochs)))
         if warmup >= total:
             rank_zero_warn(f"{type(self).__name__}: warm-up ({warmup} optimizer steps) is not shorter than the run "
                            f"({total} steps): the lr never reaches its base value")
-        scheduler = build_scheduler(optimizer, warmup, total, self.min_lr_ratio, self.lr_schedule)
+        milestones = [int(round(self.epochs_to_steps(m))) for m in self.lr_milestones_epochs]
+        scheduler = build_scheduler(optimizer, warmup, total, self.min_lr_ratio, self.lr_schedule,
+                                    self.warmup_start_factor, milestones, self.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _weight_decay_default(optimizer_class: type) -> float | None:
+    """The default ``weight_decay`` of an optimizer class (None when it has no such argument)."""
+    try:
+        parameter = inspect.signature(optimizer_class).parameters.get("weight_decay")
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default

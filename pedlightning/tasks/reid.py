@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from pedlightning.losses import TripletLoss
+from pedlightning.errors import ConfigError
+from pedlightning.losses import CenterLoss, TripletLoss
 from pedlightning.metrics import ReIDMetric, reid_evaluate
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.heads import BNNeck
@@ -24,7 +25,8 @@ class ReIDModule(RetrievalTask):
 
     The strong baseline of Luo et al. ("Bag of Tricks", CVPR-W 2019) with the TransReID settings
     (He et al., ICCV 2021): soft-margin triplet on the pre-BN feature, ID loss on the BNNeck logits,
-    evaluation on the pre-BN feature (``neck_feat="before"``) with cosine similarity.
+    evaluation on the pre-BN feature (``neck_feat="before"``) with cosine similarity. Bag of Tricks' centre loss
+    on the pre-BN feature is an option (``center_loss_weight``).
 
     Args:
         encoder: the image encoder (:class:`~pedlightning.models.encoders.ImageEncoderConfig`: timm or preset
@@ -41,29 +43,56 @@ class ReIDModule(RetrievalTask):
             ((2, 3)) and pooling (``max``, the paper's).
         id_loss_weight, triplet_loss_weight: loss weights.
         triplet_margin: batch-hard triplet margin; ``None`` = soft margin (TransReID).
-        label_smoothing: epsilon of the label-smoothed ID loss (0.1, Bag of Tricks).
+        label_smoothing: epsilon of the label-smoothed ID loss (0.1, Bag of Tricks; TransReID's configs: 0).
+        center_loss_weight: weight of Bag of Tricks' centre loss (:class:`~pedlightning.losses.CenterLoss`) on the
+            pre-BN feature; 0 = off (Bag of Tricks: 0.0005). BNNeck head only.
+        center_lr: how the centres learn. A float: plain SGD at this constant lr on the gradient of the
+            unweighted centre loss, applied before each optimizer step (Bag of Tricks' separate SGD optimizer at
+            lr 0.5, reproduced without a second Lightning optimizer; the centres then skip the main optimizer).
+            ``None``: the main optimizer trains them like every parameter, under its schedule, with the lr set by
+            ``lr_multipliers: {center_loss: f}`` (with plain SGD as main optimizer,
+            ``f = center_lr / (center_loss_weight * base_lr)`` gives Bag of Tricks' step, but scheduled).
         neck_feat: evaluate on the feature ``before`` or ``after`` the BNNeck.
         flip_test: average the features of the image and its horizontal flip.
         metric, rerank, k1, k2, lambda_value: evaluation options (see :func:`reid_evaluate`).
         report_chance: also evaluate random features, logged as ``test/chance_*`` so results can be read
             against chance.
+        optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`.
+        optimization: the other options of :class:`TaskModule` by name (``warmup_start_factor``,
+            ``lr_milestones_epochs``, ``lr_gamma``, ``lr_multipliers``, ``bias_lr_factor``, ``no_decay_names``,
+            ``decay_1d_params``).
+
+    ``test_time_options``: ``neck_feat``, ``flip_test``, the metric options and ``report_chance``, which a test
+    from a checkpoint may change.
     """
 
+    test_time_options: ClassVar[tuple[str, ...]] = ("neck_feat", "flip_test", "metric", "rerank", "k1", "k2",
+                                                    "lambda_value", "report_chance")
     eval_title = "reID"
 
     def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(), num_classes: int | None = None,
                  head: Literal["bnneck", "mgn"] = "bnneck", mgn_reduction_dim: int = 256,
                  mgn_parts: Sequence[int] = (2, 3), mgn_pool: Literal["max", "avg"] = "max",
                  id_loss_weight: float = 1.0, triplet_loss_weight: float = 1.0, triplet_margin: float | None = None,
-                 label_smoothing: float = 0.1, neck_feat: Literal["before", "after"] = "before",
+                 label_smoothing: float = 0.1, center_loss_weight: float = 0.0, center_lr: float | None = 0.5,
+                 neck_feat: Literal["before", "after"] = "before",
                  flip_test: bool = False, metric: Literal["cosine", "euclidean"] = "cosine", rerank: bool = False,
                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3, report_chance: bool = True,
                  optimizer: OptimizerCallable = torch.optim.AdamW, weight_decay: float = 1e-4,
-                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01):
-        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01,
+                 **optimization: Any):
+        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio, **optimization)
         self.save_hyperparameters(ignore=["optimizer"])
+        if center_loss_weight < 0:
+            raise ConfigError(f"ReIDModule: center_loss_weight must be >= 0, got {center_loss_weight}")
+        if center_loss_weight > 0 and head == "mgn":
+            raise ConfigError("ReIDModule: the centre loss (center_loss_weight > 0) is defined on the BNNeck head's "
+                              "feature; set center_loss_weight: 0 with head: mgn")
+        if center_lr is not None and center_lr <= 0:
+            raise ConfigError(f"ReIDModule: center_lr must be > 0 or null (main optimizer), got {center_lr}")
         self.encoder = self.build_image_encoder(encoder)
         self.head: BNNeck | MGN | None = None
+        self.center_loss: CenterLoss | None = None
         if num_classes is not None:
             self._build_head(num_classes)
         self.triplet = TripletLoss(margin=triplet_margin)
@@ -75,6 +104,8 @@ class ReIDModule(RetrievalTask):
             self.head = MGN(self.encoder, num_classes, hp.mgn_reduction_dim, tuple(hp.mgn_parts), hp.mgn_pool)
         else:
             self.head = BNNeck(self.encoder.embed_dim, num_classes)
+            if hp.center_loss_weight > 0:
+                self.center_loss = CenterLoss(num_classes, self.encoder.embed_dim)
         self.hparams.num_classes = num_classes
 
     def build_metric(self) -> ReIDMetric:
@@ -125,7 +156,29 @@ class ReIDModule(RetrievalTask):
             id_loss = F.cross_entropy(logits, pids, label_smoothing=hp.label_smoothing)
             tri_loss = self.triplet(feats, pids).loss
         loss = hp.id_loss_weight * id_loss + hp.triplet_loss_weight * tri_loss
+        logs = {"train/id_loss": id_loss, "train/triplet_loss": tri_loss}
+        if self.center_loss is not None:
+            center_loss = self.center_loss(feats, pids)
+            loss = loss + hp.center_loss_weight * center_loss
+            logs["train/center_loss"] = center_loss
         acc = (logits.argmax(1) == pids).float().mean()
-        self.log_dict({"train/loss": loss, "train/id_loss": id_loss, "train/triplet_loss": tri_loss,
-                       "train/acc": acc}, prog_bar=True, batch_size=len(pids))
+        self.log_dict({"train/loss": loss, **logs, "train/acc": acc}, prog_bar=True, batch_size=len(pids))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With ``center_lr``: Bag of Tricks' centre step, ``c -= center_lr * grad / center_loss_weight``.
+
+        The gradient is the accumulated one of this optimizer step (DDP-averaged, unscaled under AMP); a
+        non-finite one (an AMP overflow step, which the optimizer skips too) moves nothing. The centres' gradient
+        is then cleared, so the main optimizer leaves them alone.
+        """
+        hp = self.hparams
+        if self.center_loss is None or hp.center_lr is None:
+            return
+        centers = self.center_loss.centers
+        if centers.grad is None:
+            return
+        with torch.no_grad():
+            step = centers.grad * (hp.center_lr / hp.center_loss_weight)
+            centers.sub_(torch.where(torch.isfinite(step).all(), step, torch.zeros_like(step)))
+        centers.grad = None

@@ -19,9 +19,10 @@ class RetrievalTask(TaskModule):
     Evaluation batches hold one part each: ``part`` 0 = queries, 1 = gallery (the single loader of
     :func:`pedlightning.data.eval_loader.parts_loader`; a datamodule returning ``[queries, gallery]`` as two loaders
     works too, the dataloader index then names the part). Features of every rank are gathered by the metric, which
-    drops DDP padding duplicates. Each evaluation logs its metrics once (``val/*`` or ``test/*``); a test also logs
-    ``test/chance_*``, the same evaluation on random features (seeded) with the same labels, and keeps the
-    query/gallery features for :class:`pedlightning.callbacks.RankListCallback`.
+    drops DDP padding duplicates. Each evaluation logs its metrics once (``val/*`` or ``test/*``, the
+    :attr:`main_metric` on the progress bar); a test also logs ``test/chance_*``, the same evaluation on random
+    features (seeded) with the same labels, and keeps the query/gallery features for
+    :class:`pedlightning.callbacks.RankListCallback`.
 
     Subclasses implement :meth:`build_metric`, :meth:`query_features`, :meth:`gallery_features` and
     :meth:`evaluate_features`, may extend :meth:`update_metric` (extra labels such as camera ids), and call
@@ -32,6 +33,8 @@ class RetrievalTask(TaskModule):
     part_names: ClassVar[tuple[str, str]] = ("query", "gallery")
     query_is_text: ClassVar[bool] = False
     eval_title: ClassVar[str] = "retrieval"
+    #: the metric shown on the progress bar.
+    main_metric: ClassVar[str] = "mAP"
 
     def init_evaluation(self, report_chance: bool = True) -> None:
         """Build the validation and test metrics; a subclass calls it once its hyper-parameters are saved."""
@@ -91,7 +94,11 @@ class RetrievalTask(TaskModule):
 
     def _log_results(self, results: dict[str, float], prefix: str) -> None:
         scalars = {f"{prefix}/{k}": float(v) for k, v in results.items()}
-        self.log_dict(scalars, sync_dist=False)  # the metric already holds every rank's samples
+        main = f"{prefix}/{self.main_metric}"
+        # sync_dist off: the metric already holds every rank's samples
+        if main in scalars:
+            self.log(main, scalars.pop(main), prog_bar=True, sync_dist=False)
+        self.log_dict(scalars, sync_dist=False)
         rank_zero_info(f"{self.eval_title} {prefix}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items())
                        + self.describe_evaluation(prefix))
 

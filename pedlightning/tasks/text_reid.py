@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +56,18 @@ class TextReIDModule(RetrievalTask):
         logit_scale: fixed multiplier of the cosine similarities in SDM and ITC (IRRA: 1 / 0.02 = 50).
         report_chance: also evaluate random features on the test split, logged as ``test/chance_*``.
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`; the
-            defaults follow IRRA (Adam, weight decay 4e-5, 5 warm-up epochs, cosine to 0). Assumption: one
-            learning rate for every parameter (IRRA gives new layers 5x the base rate).
+            defaults follow IRRA (Adam, weight decay 4e-5, 5 warm-up epochs, cosine to 0).
+        optimization: the other options of :class:`TaskModule` by name. IRRA's parameter groups (its
+            ``build_optimizer``) are ``lr_multipliers: {classifier: 5.0}`` (5x for the randomly initialised
+            layers; add ``image_proj`` when it is a new Linear), ``bias_lr_factor: 2.0``,
+            ``no_decay_names: ["*bias*"]`` with ``decay_1d_params: true`` (biases undecayed, norm weights and
+            embeddings decayed) and ``warmup_start_factor: 0.1``; ``configs/text_reid/*_clip.yaml`` set them.
+            Defaults: one lr for every parameter, no decay on biases and norms.
+
+    ``test_time_options``: ``report_chance`` (the chance baseline of a test run).
     """
 
+    test_time_options: ClassVar[tuple[str, ...]] = ("report_chance",)
     part_names = ("text", "image")
     query_is_text = True
     eval_title = "text-to-image"
@@ -70,8 +78,8 @@ class TextReIDModule(RetrievalTask):
                  sdm_weight: float = 1.0, id_weight: float = 1.0, itc_weight: float = 0.0, logit_scale: float = 50.0,
                  report_chance: bool = True, optimizer: OptimizerCallable = torch.optim.Adam,
                  weight_decay: float = 4e-5, lr_schedule: Schedule = "cosine", warmup_epochs: float = 5.0,
-                 min_lr_ratio: float = 0.0):
-        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
+                 min_lr_ratio: float = 0.0, **optimization: Any):
+        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio, **optimization)
         self.save_hyperparameters(ignore=["optimizer"])
         if min(sdm_weight, id_weight, itc_weight) < 0 or sdm_weight + id_weight + itc_weight == 0:
             raise ConfigError(f"loss weights must be >= 0 with at least one > 0, got sdm_weight={sdm_weight}, "

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
+from pedlightning.data.progress import announce
 from pedlightning.data.shards import write_shards
 from pedlightning.data.sources.luperson import luperson_images
 
@@ -35,9 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     paths = luperson_images(args.source, image_root=args.image_root)
     root = args.image_root or (args.source if os.path.isdir(args.source) else None)
+    announce(f"packing {len(paths)} images from {args.source} into shards of {args.shard_size} in {args.output}"
+             + (" (decoding each to check it)" if args.verify else ""))
+    start = time.monotonic()
     summary = write_shards(paths, args.output, args.shard_size, root=root, on_error=args.on_error,
                            verify=args.verify, num_workers=args.num_workers)
     print(f"wrote {summary.total} images into {len(summary.shards)} shards in {args.output}"
-          f" ({len(summary.skipped)} unreadable skipped)")
+          f" ({len(summary.skipped)} unreadable skipped) in {time.monotonic() - start:.1f} s")
     for path, error in summary.skipped[:20]:
         print(f"  skipped {path}: {error}")

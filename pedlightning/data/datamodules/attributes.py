@@ -15,7 +15,7 @@ from pedlightning.data.datamodules.common import (
     require_own_sampling,
     shuffled_loader,
 )
-from pedlightning.data.datasets import RecordDataset
+from pedlightning.data.faults import OnError
 from pedlightning.data.sources import build_attribute_source
 from pedlightning.data.transforms import (
     IMAGENET_MEAN,
@@ -49,6 +49,12 @@ class AttributeDataModule(SourceDataModule):
         flip_prob, padding: training augmentation (flip, pad + random crop: the strong baseline's).
         erasing_prob: random erasing; 0 by default (Assumption: the strong baseline does not use it).
         seed: shuffling seed, shared by all ranks.
+        on_error: an unreadable image is named once, counted and skipped (``skip``, the default, as LUPerson's)
+            or stops the run with an error naming it (``fail``). A skipped training image is replaced by the next
+            readable one (with its own labels), so batches keep their size; a skipped evaluation image by a grey
+            placeholder (see :mod:`pedlightning.data.datasets`).
+        verify_images: decode every image of the splits a stage reads at ``setup`` (with progress), and fail
+            naming every bad file, or drop them under ``skip``. Off by default: it reads the whole dataset once.
     """
 
     build_source = staticmethod(build_attribute_source)
@@ -58,7 +64,7 @@ class AttributeDataModule(SourceDataModule):
                  synthetic: dict | None = None, img_size: Sequence[int] = (256, 128), batch_size: int = 64,
                  test_batch_size: int = 128, num_workers: int = 4, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, flip_prob: float = 0.5, padding: int = 10,
-                 erasing_prob: float = 0.0, seed: int = 0):
+                 erasing_prob: float = 0.0, seed: int = 0, on_error: OnError = "skip", verify_images: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
@@ -66,8 +72,14 @@ class AttributeDataModule(SourceDataModule):
     def source_kwargs(self) -> dict:
         return {"train_split": self.hparams.train_split}
 
+    def used_splits(self, stage: str | None) -> tuple[str, ...]:
+        """``fit``: train and the validation split; ``validate``: the validation split; else ``test``."""
+        val = "test" if self.validates_on_test else "val"
+        return {"fit": ("train", val), "validate": (val,), "test": ("test",), "predict": ("test",)}.get(
+            stage, ("train", val, "test"))
+
     def setup(self, stage: str | None = None) -> None:
-        self._load_source()
+        super().setup(stage)
         if stage not in ("fit", "validate"):
             return
         if self.validates_on_test:
@@ -75,7 +87,7 @@ class AttributeDataModule(SourceDataModule):
                            "data, so VALIDATION RUNS ON THE TEST SPLIT. A checkpoint selected on val/* metrics is "
                            "selected on the test set; report the last epoch instead.")
         else:
-            rank_zero_info(f"Validation: the {self.hparams.dataset} val split ({len(self.source.val)} images); "
+            rank_zero_info(f"Validation: the {self.hparams.dataset} val split ({len(self.records('val'))} images); "
                            "test numbers come from the test split.")
 
     @property
@@ -102,18 +114,19 @@ class AttributeDataModule(SourceDataModule):
                 "positive_ratio": tuple(self.positive_ratio)}
 
     def train_dataloader(self) -> DataLoader:
-        hp, source = self.hparams, self._load_source()
+        hp = self.hparams
         require_own_sampling(self.trainer)
-        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std)
-        return shuffled_loader(RecordDataset(source.train, transform), hp.batch_size, hp.num_workers, self.trainer,
-                               hp.seed)
+        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std,
+                                          defer=True)
+        return shuffled_loader(self.dataset("train", transform, "substitute"), hp.batch_size, hp.num_workers,
+                               self.trainer, hp.seed, [self.faults("train")], f"{hp.dataset} train")
 
     def _eval_loader(self, split: str) -> DataLoader:
         hp = self.hparams
         require_own_sampling(self.trainer)
-        records = getattr(self._load_source(), split)
-        transform = build_test_transform(self.img_size, hp.mean, hp.std)
-        return eval_loader(RecordDataset(records, transform), hp.test_batch_size, hp.num_workers, self.trainer)
+        dataset = self.dataset(split, build_test_transform(self.img_size, hp.mean, hp.std), "placeholder")
+        return eval_loader(dataset, hp.test_batch_size, hp.num_workers, self.trainer, faults=[self.faults(split)],
+                           name=f"{hp.dataset} {split}")
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("test" if self.validates_on_test else "val")

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pedlightning.data.datamodules.common import (
     as_size,
@@ -17,16 +17,17 @@ from pedlightning.data.datamodules.common import (
     synthesize_if_missing,
     world,
 )
-from pedlightning.data.datasets import load_rgb
+from pedlightning.data.datasets import load_rgb, read_rgb, reads_tensors
+from pedlightning.data.faults import ErrorCounter, ImageFaults
+from pedlightning.data.loading import ReportingLoader, pin_memory
 from pedlightning.data.records import PersonSample
 from pedlightning.data.shards import (
     EpochLoader,
-    ErrorCounter,
     OnError,
     ShardSampling,
     ShardStream,
     batches_per_rank,
-    shard_sizes,
+    usable_shards,
 )
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.sources.base import format_table
@@ -38,6 +39,7 @@ from pedlightning.data.sources.luperson import (
 )
 from pedlightning.data.spec import DataSpec
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pedlightning.data.transforms.batched import collate_deferred
 from pedlightning.data.transforms.regions import RegionPairTransform
 from pedlightning.data.transforms.samples import SampleTransform, as_sample_transform
 from pedlightning.errors import ConfigError, DatasetLayoutError
@@ -49,29 +51,32 @@ class UnlabeledImages(Dataset):
     Files carry no annotation: each sample's annotation is empty, its key the file index.
     """
 
-    def __init__(self, paths: Sequence[str], transform: SampleTransform | Callable, errors: ErrorCounter):
+    def __init__(self, paths: Sequence[str], transform: SampleTransform | Callable, errors: ImageFaults):
         self.paths = list(paths)
         self.transform = as_sample_transform(transform)
         self.errors = errors
+        self._load = read_rgb if reads_tensors(self.transform) else load_rgb
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if self.errors.is_bad(index):
+            return None
         try:
-            image: Image.Image = load_rgb(self.paths[index])
+            image: Image.Image | torch.Tensor = self._load(self.paths[index])
         except DatasetLayoutError as err:
-            self.errors.record(f"image {self.paths[index]}", err)
+            self.errors.record_file(index, self.paths[index], err.__cause__ or err)
             return None
         return {**self.transform(PersonSample(image, str(index))), "index": index}
 
 
 def collate_readable(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Default collation of the readable items; the skipped (``None``) ones are left out of the batch."""
+    """:func:`collate_deferred` of the readable items; the skipped (``None``) ones are left out of the batch."""
     items = [item for item in items if item is not None]
     if not items:
         raise DatasetLayoutError("every image of a batch was unreadable; see the warnings above for the files")
-    return default_collate(items)
+    return collate_deferred(items)
 
 
 class PersonImagesDataModule(L.LightningDataModule):
@@ -92,6 +97,7 @@ class PersonImagesDataModule(L.LightningDataModule):
         super().__init__()
         self.errors: ErrorCounter | None = None  # made in setup(): one counter per process
         self.kind: Literal["folder", "list", "shards"] | None = None
+        self.shards: list[str] | None = None  # the usable shards, from setup()
         self.dataset: Dataset | ShardStream | None = None
         self.num_batches: int | None = None
 
@@ -127,24 +133,29 @@ class PersonImagesDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         world_size, rank = world(self.trainer)
-        self.errors = ErrorCounter(hp.on_error)
         try:
             self.kind = detect_kind(hp.root) if self.source_option == "auto" else self.source_option
         except DatasetLayoutError as err:
             hint = "" if hp.synthesize else "\n(set data.init_args.synthesize: true to write synthetic images there)"
             raise DatasetLayoutError(f"{err}{hint}") from err
         if self.kind == "shards":
-            shards = find_shards(hp.root)
-            sizes = shard_sizes(shards)
+            if self.errors is None:  # LUPerson-TA's annotation stats may have made it already
+                self.errors = ErrorCounter(hp.on_error)
+            found = find_shards(hp.root)
+            self.shards, sizes = usable_shards(found, self.errors)
             self.num_batches = batches_per_rank(sizes, world_size, hp.batch_size, hp.shard_sampling,
                                                 hp.samples_per_epoch)
-            self.dataset = ShardStream(shards, self.transform, hp.shard_sampling, hp.shuffle_buffer, hp.seed,
-                                       rank, world_size, self.errors, self.attribute_names or PA100K_ATTRIBUTES)
-            rows = [("shards", len(shards)), ("images", sum(sizes)), *self._shard_rows(shards),
+            self.dataset = ShardStream(self.shards, self.transform, hp.shard_sampling, hp.shuffle_buffer, hp.seed,
+                                       rank, world_size, self.errors, self.attribute_names or PA100K_ATTRIBUTES,
+                                       num_samples=sizes)
+            unusable = len(found) - len(self.shards)
+            skipped = [("unusable shards skipped", unusable)] if unusable else []
+            rows = [("shards", len(self.shards)), *skipped, ("images", sum(sizes)), *self._shard_rows(self.shards),
                     ("processes", world_size), ("batches per process and epoch", self.num_batches),
                     ("sampling", hp.shard_sampling)]
         else:
             paths = luperson_images(hp.root, self.kind, hp.get("image_root"))
+            self.errors = ImageFaults(len(paths), hp.on_error)
             self.dataset = UnlabeledImages(paths, self.transform, self.errors)
             self.num_batches = len(paths) // world_size // hp.batch_size
             if self.num_batches < 1:
@@ -162,15 +173,15 @@ class PersonImagesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader | EpochLoader:
         self.setup("fit")
         hp = self.hparams
-        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=hp.num_workers > 0)
-        if isinstance(self.dataset, ShardStream):
-            return EpochLoader(DataLoader(self.dataset, **common), self.num_batches)
+        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=pin_memory(self.trainer),
+                      persistent_workers=hp.num_workers > 0, name=f"{self.name} at {hp.root}")
+        if isinstance(self.dataset, ShardStream):  # EpochLoader reports the epoch's skipped samples itself
+            return EpochLoader(ReportingLoader(self.dataset, collate_fn=collate_deferred, **common), self.num_batches)
         world_size, rank = world(self.trainer)
         sampler = (DistributedSampler(self.dataset, world_size, rank, shuffle=True, seed=hp.seed, drop_last=True)
                    if world_size > 1 else None)
-        return DataLoader(self.dataset, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                          collate_fn=collate_readable, **common)
+        return ReportingLoader(self.dataset, sampler=sampler, shuffle=sampler is None, drop_last=True,
+                               collate_fn=collate_readable, faults=[self.errors], **common)
 
 
 class LUPersonDataModule(PersonImagesDataModule):
@@ -198,7 +209,8 @@ class LUPersonDataModule(PersonImagesDataModule):
         samples_per_epoch: epoch length of ``resampled`` mode over all ranks (default: one pass over the data).
         shuffle_buffer: in-worker sample shuffle buffer of the shard stream.
         seed: shard order and folder sampling seed, shared by all ranks.
-        on_error: unreadable images are counted, logged and skipped (``skip``) or stop training with an error
+        on_error: unreadable images and shards (truncated, unreadable headers, a size or count that does not
+            match ``shards.json``) are named once, counted and skipped (``skip``) or stop training with an error
             naming them (``fail``).
         transform: the per-sample transform (a :class:`~pedlightning.data.transforms.samples.SampleTransform`,
             e.g. :class:`~pedlightning.data.transforms.moco.TwoViewCaptionTransform`); ``None`` = the RegionA /
@@ -217,4 +229,4 @@ class LUPersonDataModule(PersonImagesDataModule):
         self.save_hyperparameters(ignore=["transform"])  # checkpoints keep plain types only
         self.img_size = as_size(img_size)
         self.transform = as_sample_transform(transform) if transform is not None else RegionPairTransform(
-            self.img_size, region_scale, region_ratio, same_region, flip_prob, mean=mean, std=std)
+            self.img_size, region_scale, region_ratio, same_region, flip_prob, mean=mean, std=std, defer=True)

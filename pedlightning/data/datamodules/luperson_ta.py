@@ -8,6 +8,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from pedlightning.data.datamodules.common import as_size, make_spec
 from pedlightning.data.datamodules.luperson import PersonImagesDataModule
+from pedlightning.data.faults import ErrorCounter
 from pedlightning.data.shards import OnError, ShardSampling
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.sources.luperson import (
@@ -83,7 +84,10 @@ class LUPersonTADataModule(PersonImagesDataModule):
     def stats(self) -> AnnotationStats:
         """Caption / attribute counts and attribute positives over all shards (json members only, cached)."""
         if self._stats is None:
-            stats = annotation_stats(find_shards(self.hparams.root), self._names)
+            if self.errors is None:
+                self.errors = ErrorCounter(self.hparams.on_error)
+            shards = self.shards if self.shards is not None else find_shards(self.hparams.root)
+            stats = annotation_stats(shards, self._names, errors=self.errors)
             if stats.invalid:
                 shard, key, reason = stats.invalid[0]
                 message = (f"{len(stats.invalid)} unreadable LUPerson-TA annotation(s), e.g. {shard}: {key}: "

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch.utils.data import DataLoader
 
 from pedlightning.data.datamodules.common import (
     EVAL_STAGES,
     SourceDataModule,
     as_size,
+    batch_loader,
     require_own_sampling,
     retrieval_loader,
     world,
 )
-from pedlightning.data.datasets import RecordDataset
+from pedlightning.data.faults import OnError
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import build_reid_source
 from pedlightning.data.transforms import (
@@ -45,6 +45,12 @@ class ReIDDataModule(SourceDataModule):
         mean, std: normalisation (ImageNet by default; TransReID's ViTs use 0.5).
         flip_prob, padding, erasing_prob: training augmentation (Bag of Tricks / TransReID defaults).
         seed: sampler seed, shared by all ranks.
+        on_error: an unreadable image is named once, counted and skipped (``skip``, the default, as LUPerson's)
+            or stops the run with an error naming it (``fail``). A skipped training image is replaced by another
+            image of the same identity, so P x K batches keep their shape; a skipped query/gallery image by a
+            grey placeholder (see :mod:`pedlightning.data.datasets`).
+        verify_images: decode every image of the splits a stage reads at ``setup`` (with progress), and fail
+            naming every bad file, or drop them under ``skip``. Off by default: it reads the whole dataset once.
     """
 
     build_source = staticmethod(build_reid_source)
@@ -53,7 +59,8 @@ class ReIDDataModule(SourceDataModule):
                  synthesize: bool = False, synthetic: dict | None = None, img_size: Sequence[int] = (256, 128),
                  batch_size: int = 64, num_instances: int = 4, test_batch_size: int = 128, num_workers: int = 4,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip_prob: float = 0.5,
-                 padding: int = 10, erasing_prob: float = 0.5, seed: int = 0):
+                 padding: int = 10, erasing_prob: float = 0.5, seed: int = 0, on_error: OnError = "skip",
+                 verify_images: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
@@ -66,29 +73,35 @@ class ReIDDataModule(SourceDataModule):
         """Number of training identities (the classifier's width)."""
         return self._load_source().num_train_pids
 
+    def used_splits(self, stage: str | None) -> tuple[str, ...]:
+        """Training reads ``train``; every evaluation the test split's ``query`` and ``gallery``."""
+        return ("query", "gallery") if stage in EVAL_STAGES else ("train", "query", "gallery")
+
     def spec_fields(self) -> dict:
         """Every evaluation stage reads the test split's query and gallery (no val split in reID)."""
-        source = self._load_source()
-        items = (tuple(r.path for r in source.query), tuple(r.path for r in source.gallery))
+        items = tuple(tuple(r.path for r in self.records(split)) for split in ("query", "gallery"))
         return {"num_classes": self.num_classes, "eval_items": dict.fromkeys(EVAL_STAGES, items)}
 
     def train_dataloader(self) -> DataLoader:
-        hp, source = self.hparams, self._load_source()
+        hp = self.hparams
         require_own_sampling(self.trainer)
         world_size, rank = world(self.trainer)
-        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std)
-        sampler = IdentityBatchSampler([r.pid for r in source.train], hp.batch_size, hp.num_instances, hp.seed,
-                                       num_replicas=world_size, rank=rank)
-        return DataLoader(RecordDataset(source.train, transform), batch_sampler=sampler, num_workers=hp.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=hp.num_workers > 0)
+        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std,
+                                          defer=True)
+        pids = [r.pid for r in self.records("train")]
+        sampler = IdentityBatchSampler(pids, hp.batch_size, hp.num_instances, hp.seed, num_replicas=world_size,
+                                       rank=rank)
+        return batch_loader(self.dataset("train", transform, "substitute", groups=pids), sampler, hp.num_workers,
+                            self.trainer, [self.faults("train")], f"{hp.dataset} train")
 
     def _eval_loader(self) -> DataLoader:
         """Queries (``part`` 0) then gallery (``part`` 1) in one loader."""
-        hp, source = self.hparams, self._load_source()
+        hp = self.hparams
         require_own_sampling(self.trainer)
         transform = build_test_transform(self.img_size, hp.mean, hp.std)
-        parts = [RecordDataset(records, transform) for records in (source.query, source.gallery)]
-        return retrieval_loader(parts, hp.test_batch_size, hp.num_workers, self.trainer)
+        splits = ("query", "gallery")
+        return retrieval_loader([self.dataset(s, transform, "placeholder") for s in splits], hp.test_batch_size,
+                                hp.num_workers, self.trainer, [self.faults(s) for s in splits], f"{hp.dataset} test")
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -17,12 +16,13 @@ from pedlightning.data.caption_datasets import (
 from pedlightning.data.datamodules.common import (
     SourceDataModule,
     as_size,
+    batch_loader,
     require_own_sampling,
     retrieval_loader,
     shuffled_loader,
     world,
 )
-from pedlightning.data.datasets import RecordDataset
+from pedlightning.data.faults import OnError
 from pedlightning.data.samplers import IdentityBatchSampler
 from pedlightning.data.sources import build_text_source
 from pedlightning.data.tokenizer import (
@@ -71,6 +71,12 @@ class TextReIDDataModule(SourceDataModule):
         mean, std: normalisation (CLIP's by default).
         flip_prob, padding, erasing_prob: training augmentation (IRRA: flip, pad 10 + crop, random erasing).
         seed: shuffling seed, shared by all ranks.
+        on_error: an unreadable image is named once, counted and skipped (``skip``, the default, as LUPerson's)
+            or stops the run with an error naming it (``fail``). A training pair whose image is unreadable is
+            replaced by a caption + image of another image of the same identity (so identity batches keep their
+            shape); a skipped gallery image by a grey placeholder (see :mod:`pedlightning.data.datasets`).
+        verify_images: decode every image of the splits a stage reads at ``setup`` (with progress), and fail
+            naming every bad file, or drop them under ``skip``. Off by default: it reads the whole dataset once.
     """
 
     build_source = staticmethod(build_text_source)
@@ -81,7 +87,7 @@ class TextReIDDataModule(SourceDataModule):
                  img_size: Sequence[int] = (384, 128), batch_size: int = 64, num_instances: int | None = None,
                  test_batch_size: int = 128, num_workers: int = 4, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD, flip_prob: float = 0.5, padding: int = 10,
-                 erasing_prob: float = 0.5, seed: int = 0):
+                 erasing_prob: float = 0.5, seed: int = 0, on_error: OnError = "skip", verify_images: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
@@ -101,8 +107,14 @@ class TextReIDDataModule(SourceDataModule):
             self._tokenizer = build_tokenizer(self.hparams.tokenizer, self.hparams.context_length)
         return self._tokenizer
 
+    def used_splits(self, stage: str | None) -> tuple[str, ...]:
+        """``fit``: train and the model-selection split; ``validate``: the latter; ``test``/``predict``: test."""
+        selection = self.model_selection
+        return {"fit": ("train", selection), "validate": (selection,), "test": ("test",), "predict": ("test",)}.get(
+            stage, ("train", selection, "test"))
+
     def setup(self, stage: str | None = None) -> None:
-        self._load_source()
+        super().setup(stage)
         if stage not in ("fit", "validate"):
             return
         name = self.hparams.dataset
@@ -111,7 +123,7 @@ class TextReIDDataModule(SourceDataModule):
                            "on val/* metrics is selected on the test set (the protocol of IRRA's public code); "
                            "say so when reporting its numbers.")
         else:
-            rank_zero_info(f"Model selection: the {name} val split ({len(self.source.val)} images); "
+            rank_zero_info(f"Model selection: the {name} val split ({len(self.records('val'))} images); "
                            "the test split is only used by `test`.")
 
     @property
@@ -123,11 +135,11 @@ class TextReIDDataModule(SourceDataModule):
         """Classes, tokens and, per evaluation stage, the caption texts (queries) and image paths (gallery) of
         the split that stage evaluates. ``tokenizer`` is the open_clip config whose BPE made the tokens
         (``clip_tiny_test`` -> ``ViT-B-16``), so a model compares it with its own via ``tokenizer_name``."""
-        source, hp = self._load_source(), self.hparams
+        hp = self.hparams
         splits = {"validate": self.model_selection, "test": "test", "predict": "test"}
         items = {}
         for stage, split in splits.items():
-            records = getattr(source, split)
+            records = self.records(split)
             if records:
                 items[stage] = (tuple(flatten_captions(records)[0]), tuple(r.path for r in records))
         return {"num_classes": self.num_classes, "context_length": hp.context_length,
@@ -135,29 +147,30 @@ class TextReIDDataModule(SourceDataModule):
                 "eval_items": items}
 
     def train_dataloader(self) -> DataLoader:
-        hp, source = self.hparams, self._load_source()
+        hp = self.hparams
         require_own_sampling(self.trainer)
-        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std)
-        dataset = ImageCaptionDataset(source.train, self.get_tokenizer(), transform)
+        transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std,
+                                          defer=True)
+        faults, name = [self.faults("train")], f"{hp.dataset} train"
+        dataset = ImageCaptionDataset(self.records("train"), self.get_tokenizer(), transform, faults[0])
         if hp.num_instances is None:
-            return shuffled_loader(dataset, hp.batch_size, hp.num_workers, self.trainer, hp.seed)
+            return shuffled_loader(dataset, hp.batch_size, hp.num_workers, self.trainer, hp.seed, faults, name)
         world_size, rank = world(self.trainer)
         sampler = IdentityBatchSampler(dataset.pids, hp.batch_size, hp.num_instances, hp.seed,
                                        num_replicas=world_size, rank=rank, image_ids=dataset.image_indices)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=hp.num_workers > 0)
+        return batch_loader(dataset, sampler, hp.num_workers, self.trainer, faults, name)
 
     def _eval_loader(self, split: str) -> DataLoader:
         """Captions of ``split`` (``part`` 0, the queries) then its images (``part`` 1) in one loader."""
         hp = self.hparams
         require_own_sampling(self.trainer)
-        records = getattr(self._load_source(), split)
-        queries = CaptionDataset(records, self.get_tokenizer())
-        gallery = RecordDataset(records, build_test_transform(self.img_size, hp.mean, hp.std))
-        return retrieval_loader([queries, gallery], hp.test_batch_size, hp.num_workers, self.trainer)
+        queries = CaptionDataset(self.records(split), self.get_tokenizer())
+        gallery = self.dataset(split, build_test_transform(self.img_size, hp.mean, hp.std), "placeholder")
+        return retrieval_loader([queries, gallery], hp.test_batch_size, hp.num_workers, self.trainer,
+                                [self.faults(split)], f"{hp.dataset} {split}")
 
     def val_dataloader(self) -> DataLoader:
-        if self.model_selection == "val" and not self._load_source().val:
+        if self.model_selection == "val" and not self.records("val"):
             raise ConfigError(f"dataset {self.hparams.dataset!r} at {self.hparams.root} has no validation split "
                               "(ICFG-PEDES ships only train and test): set data.init_args.model_selection: test to "
                               "validate on the test split, or trainer.limit_val_batches: 0 to train without validation")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pedlightning.data.faults import ErrorCounter
 from pedlightning.data.records import PersonAnnotation
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES, attribute_vector
 from pedlightning.data.sources.base import (
@@ -201,13 +202,14 @@ def _shard_stats(shard: str, names: tuple[str, ...]) -> AnnotationStats:
 
 
 def annotation_stats(shards: Sequence[str], attribute_names: Sequence[str] = PA100K_ATTRIBUTES,
-                     cache: bool = True) -> AnnotationStats:
+                     cache: bool = True, errors: ErrorCounter | None = None) -> AnnotationStats:
     """Caption / attribute counts and attribute positives over LUPerson-TA ``shards`` (the weighted-BCE ratios).
 
     Only the json members are read (no image decoding): about the cost of listing the tar headers. With
     ``cache``, per-shard results are kept in ``annotation_stats.json`` next to the shards, keyed by each shard's
     size and modification time, so a later run (or another rank) reads them back and only new or changed shards
-    are scanned; a read-only folder just means no cache.
+    are scanned; a read-only folder just means no cache. A shard that cannot be read raises an error naming it,
+    or with ``errors`` follows its policy (under ``skip``: counted, named, and left out of the counts).
     """
     names = tuple(attribute_names)
     folders = {os.path.dirname(os.path.abspath(s)) for s in shards}
@@ -229,7 +231,13 @@ def annotation_stats(shards: Sequence[str], attribute_names: Sequence[str] = PA1
         name, stamp = os.path.basename(shard), [st.st_size, st.st_mtime_ns]
         entry = entries.get(name)
         if entry is None or entry.get("stamp") != stamp:
-            one = _shard_stats(shard, names)
+            try:
+                one = _shard_stats(shard, names)
+            except DatasetLayoutError as err:
+                if errors is None:
+                    raise
+                errors.record(f"shard {shard}", str(err).removeprefix(f"cannot read shard {shard}: "))
+                continue
             entry = {"stamp": stamp, "num_samples": one.num_samples, "with_captions": one.with_captions,
                      "with_attributes": one.with_attributes, "positives": one.positives,
                      "invalid": [list(i) for i in one.invalid]}

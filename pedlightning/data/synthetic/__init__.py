@@ -8,8 +8,11 @@ a non-empty ``root`` and publishes the tree atomically (temp folder + rename), s
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
+from typing import Any
 
+from pedlightning.data.progress import announce
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.synthetic.attributes import write_pa100k
 from pedlightning.data.synthetic.captions import describe, tokenize
@@ -35,6 +38,7 @@ from pedlightning.data.synthetic.reid import (
     write_occluded_duke,
 )
 from pedlightning.data.synthetic.render import render_background, render_person
+from pedlightning.errors import ConfigError
 
 __all__ = [
     "CUHK_PEDES_ID_START",
@@ -46,6 +50,7 @@ __all__ = [
     "make_identity",
     "render_background",
     "render_person",
+    "synthesize",
     "tokenize",
     "write_cuhk_pedes",
     "write_dukemtmc",
@@ -73,3 +78,15 @@ SYNTHETIC_WRITERS: dict[str, Callable[..., str]] = {
     "luperson_ta": functools.partial(write_luperson_shards, with_text=True),
 }
 """Dataset name -> writer; ``luperson_ta`` is ``write_luperson_shards`` with ``with_text=True``."""
+
+
+def synthesize(name: str, root: str, **kwargs: Any) -> str:
+    """Write synthetic ``name`` into ``root`` with its writer, saying so on stderr before and after (minutes for
+    the larger sets; a progress bar on a terminal)."""
+    if name not in SYNTHETIC_WRITERS:
+        raise ConfigError(f"no synthetic writer for dataset {name!r}; available: {sorted(SYNTHETIC_WRITERS)}")
+    announce(f"writing synthetic {name} to {root}")
+    start = time.monotonic()
+    SYNTHETIC_WRITERS[name](root, **kwargs)
+    announce(f"wrote synthetic {name} to {root} in {time.monotonic() - start:.1f} s")
+    return root

@@ -1,4 +1,5 @@
-"""``python -m pedlightning.data.synthetic NAME --root R [--seed S] [--size H W] [writer options]``.
+"""``pedlightning synth NAME --root R [--seed S] [--size H W] [writer options]`` (also ``python -m
+pedlightning.data.synthetic``).
 
 Options are generated from the writer's keyword arguments (``num_train_ids`` -> ``--num-train-ids``),
 so the command line always matches the Python API.
@@ -10,7 +11,9 @@ import argparse
 import inspect
 from collections.abc import Callable
 
-from pedlightning.data.synthetic import SYNTHETIC_WRITERS
+from pedlightning.data.synthetic import SYNTHETIC_WRITERS, synthesize
+
+PROG = "pedlightning synth"
 
 
 def _options(writer: Callable[..., str]) -> list[inspect.Parameter]:
@@ -41,14 +44,15 @@ def _add_option(parser: argparse.ArgumentParser, param: inspect.Parameter) -> No
         parser.add_argument(flag, dest=param.name, type=type(default), default=default, help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One sub-command per dataset in ``SYNTHETIC_WRITERS``, its options taken from the writer."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """One sub-command per dataset in ``SYNTHETIC_WRITERS``, its options taken from the writer; ``prog`` is the
+    command the usage lines name."""
     epilog = "\n".join(
         f"  {name:<16} " + " ".join("--" + p.name.replace("_", "-") for p in _options(writer))
         for name, writer in SYNTHETIC_WRITERS.items()
     )
     parser = argparse.ArgumentParser(
-        prog="python -m pedlightning.data.synthetic",
+        prog=prog,
         description="Write a synthetic dataset in the real on-disk layout (deterministic for a seed).",
         epilog="datasets and their options:\n" + epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,15 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), write the dataset, print its root."""
-    args = vars(build_parser().parse_args(argv))
-    writer = SYNTHETIC_WRITERS[args.pop("dataset")]
+def main(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), write the dataset (progress on stderr), print its root."""
+    args = vars(build_parser(prog).parse_args(argv))
+    name = args.pop("dataset")
     root = args.pop("root")
     if "size" in args:
         args["size"] = tuple(args["size"])
-    print(writer(root, **args))
+    print(synthesize(name, root, **args))
 
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m pedlightning.data.synthetic")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from pedlightning.data.progress import progress
 from pedlightning.data.sources.attributes import PA100K_ATTRIBUTES
 from pedlightning.data.synthetic.identity import Identity, derive_seed
 from pedlightning.data.synthetic.render import render_background, render_person
@@ -114,7 +115,7 @@ def write_shots(root: str, shots: Sequence[Shot], size: tuple[int, int]) -> dict
     if len(set(paths)) != len(paths):
         raise AssertionError("synthetic writer produced duplicate file names")
     attributes = {}
-    for shot in sorted(shots, key=lambda s: s.path):
+    for shot in progress(sorted(shots, key=lambda s: s.path), len(shots), "synthetic"):
         img, attributes[shot.path] = render_shot(shot, size)
         save_image(img, os.path.join(root, shot.path))
     return attributes

@@ -12,6 +12,7 @@ import os
 import random
 import tarfile
 
+from pedlightning.data.progress import progress
 from pedlightning.data.synthetic._io import (
     Shot,
     atomic_root,
@@ -94,7 +95,8 @@ def write_luperson_shards(
     missing_captions: float = 0.0,
     missing_attributes: float = 0.0,
 ) -> str:
-    """LUPerson as WebDataset shards: ``shard-000000.tar`` ... of ``shard_size`` samples: ``<key>.jpg`` and, with
+    """LUPerson as WebDataset shards: ``shard-000000.tar`` ... of ``shard_size`` samples (and the ``shards.json``
+    manifest ``pedlightning make-shards`` writes): ``<key>.jpg`` and, with
     ``with_text`` (LUPerson-TA), ``<key>.json`` = ``{"captions": [...], "attributes": {26 PA-100K
     names: 0|1}}`` (the format of :data:`pedlightning.data.sources.luperson.LUPERSON_TA_LAYOUT`). Keys are
     ``<video>_<frame>_<n>`` (no dots). Tar headers have fixed mtime/owner, so the bytes depend on the arguments only.
@@ -111,18 +113,29 @@ def write_luperson_shards(
         raise ConfigError(f"missing_captions and missing_attributes are fractions in [0, 1], got "
                           f"{missing_captions}, {missing_attributes}")
     shots = sorted(_luperson_shots(seed, num_images, num_videos, max_repeats, occluded), key=lambda s: s.path)
+    from pedlightning.data.shards import write_manifest
+
     with atomic_root(root) as tmp:
-        for start in range(0, len(shots), shard_size):
-            path = os.path.join(tmp, f"shard-{start // shard_size:06d}.tar")
-            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for shot in shots[start : start + shard_size]:
-                    key = os.path.basename(shot.path)[: -len(".jpg")]
-                    img, attributes = render_shot(shot, size)
-                    _add(tar, f"{key}.jpg", jpeg_bytes(img))
-                    if with_text:
-                        captions = describe(shot.identity, attributes, shot.seed, captions_per_image)
-                        gaps = random.Random(derive_seed(shot.seed, 0x6A))
-                        meta = {"captions": [] if gaps.random() < missing_captions else captions,
-                                "attributes": None if gaps.random() < missing_attributes else attributes}
-                        _add(tar, f"{key}.json", json.dumps(meta).encode())
+        paths: list[str] = []
+        tar = None
+        try:
+            for number, shot in enumerate(progress(shots, len(shots), "synthetic")):
+                if number % shard_size == 0:
+                    if tar is not None:
+                        tar.close()
+                    paths.append(os.path.join(tmp, f"shard-{number // shard_size:06d}.tar"))
+                    tar = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT)
+                key = os.path.basename(shot.path)[: -len(".jpg")]
+                img, attributes = render_shot(shot, size)
+                _add(tar, f"{key}.jpg", jpeg_bytes(img))
+                if with_text:
+                    captions = describe(shot.identity, attributes, shot.seed, captions_per_image)
+                    gaps = random.Random(derive_seed(shot.seed, 0x6A))
+                    meta = {"captions": [] if gaps.random() < missing_captions else captions,
+                            "attributes": None if gaps.random() < missing_attributes else attributes}
+                    _add(tar, f"{key}.json", json.dumps(meta).encode())
+        finally:
+            if tar is not None:
+                tar.close()
+        write_manifest(tmp, paths, [min(shard_size, len(shots) - i * shard_size) for i in range(len(paths))])
     return root

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from pedlightning.data.transforms.batched import Deferred, PlacedImage, finish_images, pil_to_tensor, resize
 from pedlightning.data.transforms.reid import IMAGENET_MEAN, IMAGENET_STD
 from pedlightning.data.transforms.samples import ImageTransform
 from pedlightning.errors import ConfigError
@@ -82,13 +83,20 @@ class RegionPairTransform(ImageTransform):
         interpolation: resize filter (bicubic, as MAE).
         mean, std: normalisation of both regions.
         rng: random source; ``None`` = the ``random`` module, which PyTorch seeds in every loader worker.
+        defer: return the regions as :class:`~pedlightning.data.transforms.batched.Deferred` values, normalised
+            once per batch by ``collate_deferred`` (what the LUPerson datamodule's loaders do); the crops and
+            resizes still happen per image. Off: each call returns finished tensors.
+
+    Takes a PIL image or a CHW uint8 tensor (what the LUPerson readers decode for it, ``reads_tensors``).
     """
+
+    reads_tensors = True
 
     def __init__(self, img_size: Sequence[int] = (256, 128), scale: Sequence[float] = (0.4, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), same_region: bool = False, flip_prob: float = 0.5,
                  interpolation: TF.InterpolationMode = TF.InterpolationMode.BICUBIC,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, defer: bool = False):
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"region scale must satisfy 0 < min <= max <= 1, got {list(scale)}")
         if not (0 < ratio[0] <= ratio[1]):
@@ -101,20 +109,29 @@ class RegionPairTransform(ImageTransform):
         self.interpolation = interpolation
         self.mean, self.std = list(mean), list(std)
         self.rng = rng
+        self.defer = defer
 
-    def apply(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def apply(self, image: Image.Image | torch.Tensor) -> dict[str, torch.Tensor | Deferred]:
+        """Boxes are in the frame of the flipped image; a flipped region is cut from the mirrored box of the
+        original and then flipped (the same pixels, without flipping the whole image)."""
         rng = self.rng or random
-        if rng.random() < self.flip_prob:
-            image = TF.hflip(image)
-        width, height = image.size
+        pixels = image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
+        height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
+        flip = rng.random() < self.flip_prob
         crop_a = sample_crop(height, width, self.scale, self.ratio, rng)
         crop_b = crop_a if self.same_region else sample_crop(height, width, self.scale, self.ratio, rng)
-        out = {}
+        out: dict[str, torch.Tensor | Deferred] = {}
+        placed = None
         for name, (top, left, h, w) in (("a", crop_a), ("b", crop_b)):
-            region = TF.resized_crop(image, top, left, h, w, self.size, self.interpolation, antialias=True)
-            out[f"region_{name}"] = TF.normalize(TF.to_tensor(region), self.mean, self.std)
+            if placed is None or crop_b is not crop_a:
+                region = resize(pixels, self.size, (top, width - left - w if flip else left, h, w), self.interpolation)
+                placed = PlacedImage(region.flip(-1) if flip else region)
+            out[f"region_{name}"] = Deferred(self, placed) if self.defer else self.finish([placed])[0]
             out[f"box_{name}"] = torch.tensor([top / height, left / width, h / height, w / width])
         return out
+
+    def finish(self, values: list[PlacedImage]) -> torch.Tensor:
+        return finish_images(values, self.mean, self.std)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.size}, scale={self.scale}, ratio={self.ratio}, "
