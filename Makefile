@@ -65,6 +65,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	VIRTUAL_ENV=$(VENV) uv pip install -q -e ".[bench-peers]" -c constraints.txt
 	$(PY) benchmarks/reid_eval.py
 	$(PY) benchmarks/personmae_throughput.py
 

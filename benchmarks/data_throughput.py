@@ -1,20 +1,39 @@
-"""Images/s of each training loader per loader process, against the decode ceiling of the same files.
+"""Images/s of each training loader per loader process, against the decode ceilings of the same files, and the
+loader processes that feed one GPU at the GPU goal.
 
-    python benchmarks/data_throughput.py                     # 1-3 min on 2 shared cores
-    python benchmarks/data_throughput.py --workers 1 --json runs/data_throughput.json
+    python benchmarks/data_throughput.py                     # 2-4 min on 2 shared cores
+    python benchmarks/data_throughput.py --repeats 3 --gflop-per-image 66.04 --json runs/data_throughput.json
 
 Synthetic data in the real layouts is written to a temporary folder: Market-1501 (reID, P x K batches), PA-100K
-(attributes), CUHK-PEDES (text search, one sample per caption) and LUPerson shards (PersonMAE region pairs), plus,
-for comparison, the reID loader with torchvision's per-image PIL pipeline that the datamodules used before. Each
-training loader is the one its datamodule returns, with ``num_workers=0``: the loop then does exactly the work one
-loader worker does (read, decode, augment, collate), without handing batches between processes, on one thread
-(loader workers run torch on one thread). Its ceilings are the same files (the bytes read from disk, or from
-memory for shards) decoded and resized to the network input once per view the loader makes (two for PersonMAE),
-nothing else: with PIL, with torchvision (``decode_image`` + its uint8 bicubic resize, what the loaders use), and
-the latter plus the copy into a fresh float32 batch that any loader must hand over. Loader and ceilings take turns
-for ``--repeats`` rounds, so load from other processes hits all alike; the table shows median images/s, the median
-of the per-round ratios, and the loader processes needed to feed a GPU that consumes ``--gpu-rate`` images/s
-(ViT-B/16 at 256x128 in bf16 on an H200 trains at about 2000 images/s).
+(attributes), CUHK-PEDES (text search, one sample per caption) and LUPerson shards (PersonMAE region pairs). Each
+training loader is the one its datamodule returns, measured twice: with ``num_workers=0`` (``in-proc``: the loop
+does exactly the work of one loader worker, on one thread, without handing batches between processes) and with one
+loader worker (``1 worker``: plus the batch in shared memory and its hand-over to the main process). The reID and
+PersonMAE loaders run with the datamodules' default float batches and with ``finish_on_device`` (uint8 batches that
+the datamodule converts, normalises and erases on the GPU after the transfer; that work is not in their rate).
+The row "per-image PIL (before)" is the reID loader as it was before the batched transforms. Workers are forked
+once and kept (``persistent_workers``), as in training.
+
+Ceilings over the same files (the bytes read from disk, or from memory for shards), one thread:
+
+- ``PIL dec``: PIL decoding only (``Image.open`` + ``convert("RGB")``);
+- ``tv dec``: torchvision decoding only (``decode_image``, libjpeg-turbo: what the loaders use);
+- ``floor``: tv decoding plus the mandatory bicubic resize to the network input, once per view the loader makes
+  (PersonMAE: two random crops, drawn as its loader draws them): what no loader that feeds that input can skip
+  (the resize kernel called as the loaders call it, leaving its channels-last layout);
+- ``f32 floor``: the floor plus what a loader of float batches must add: the resize written as CHW, converted
+  and normalised into a fresh float32 batch (new memory for every batch, as a loader hands over).
+
+Loaders and ceilings take turns for ``--repeats`` rounds (per round and loader back to back: in-process, the
+ceilings of its files, one worker), so load from other processes hits a loader and its ceilings alike; the table
+shows median images/s and the median of the per-round ratios.
+
+Workers per GPU: a ViT-B/16 256x128 reID fine-tune at ``--mfu`` of ``--peak-tflops`` consumes
+``mfu * peak / FLOPs per image`` images/s, the FLOPs per image (forward + backward) counted by
+``benchmarks/gpu_throughput.py``'s reID step (``FlopCounterMode``, a batch of 4 on the CPU; ``--gflop-per-image``
+skips the count). Workers = that rate / the 1-worker rate, rounded up, for every row (other models consume at
+other rates). Assumption: loader workers scale linearly (each on its own core, plus one for the training process)
+until the CPU cores run out.
 """
 
 from __future__ import annotations
@@ -24,12 +43,14 @@ import io
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -41,59 +62,88 @@ from pedlightning.data.datasets import RecordDataset
 from pedlightning.data.sources.luperson import find_shards
 from pedlightning.data.synthetic import write_cuhk_pedes, write_luperson_shards, write_market1501, write_pa100k
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pedlightning.data.transforms.batched import decode_rgb, pil_to_tensor, resize
+from pedlightning.data.transforms.batched import decode_rgb, resize
+from pedlightning.data.transforms.regions import sample_crop
+
+CEILINGS = ("pil_dec", "tv_dec", "floor", "floor_f32")
 
 
+class Files:
+    """The images a loader reads (paths, or the bytes of shard members), decoded by each ceiling; ``crop``:
+    ``(scale, ratio)`` of the random crops each view is resized from (PersonMAE's regions), drawn as the loader
+    draws them (:func:`~pedlightning.data.transforms.regions.sample_crop`)."""
+
+    def __init__(self, items: list[str] | list[bytes], size: tuple[int, int], views: int, batch_size: int,
+                 crop: tuple[tuple[float, float], tuple[float, float]] | None = None):
+        self.items, self.size, self.views, self.batch_size, self.crop = items, size, views, batch_size, crop
+        self.rng = random.Random(0)
+
+    def boxes(self, pixels: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+        if self.crop is None:
+            return [None] * self.views
+        height, width = pixels.shape[-2:]
+        return [sample_crop(height, width, *self.crop, self.rng) for _ in range(self.views)]
+
+    def rate(self, ceiling: str, num_images: int) -> float:
+        scale = torch.tensor(IMAGENET_STD).view(3, 1, 1).reciprocal() / 255
+        offset = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * scale * 255
+        batches: list[torch.Tensor] = []
+        start = time.perf_counter()
+        for i in range(num_images):
+            data = self.items[i % len(self.items)]
+            if isinstance(data, str):
+                with open(data, "rb") as f:
+                    data = f.read()
+            if ceiling == "pil_dec":
+                with Image.open(io.BytesIO(data)) as img:
+                    img.convert("RGB")
+                continue
+            pixels = decode_rgb(data)
+            if ceiling == "floor":
+                for box in self.boxes(pixels):
+                    resize(pixels, self.size, box, chw=False)
+            elif ceiling == "floor_f32":
+                if i % self.batch_size == 0:  # fresh memory, as every batch a loader hands over
+                    batches = [torch.empty(self.batch_size, 3, *self.size) for _ in range(self.views)]
+                for batch, box in zip(batches, self.boxes(pixels)):
+                    batch[i % self.batch_size].copy_(resize(pixels, self.size, box)).mul_(scale).add_(offset)
+        return num_images / (time.perf_counter() - start)
+
+
+@dataclass
 class Pipeline:
-    """One training loader and its decode ceiling over the same files."""
+    """One training loader (in-process and with one worker) over ``files``."""
 
-    def __init__(self, name: str, loader: Iterator | object, images: list[bytes] | list[str], size: tuple[int, int],
-                 views: int):
-        self.name, self.loader, self.images, self.size, self.views = name, loader, images, size, views
-        self.stream: Iterator | None = None
+    name: str
+    loaders: dict[str, Iterable]  # "in-proc", "1 worker"
+    files: Files
+    streams: dict[str, object] = field(default_factory=dict)
 
-    def next_batch(self) -> dict:
+    def next_batch(self, mode: str) -> dict:
         """Batches forever: the loader restarts when a pass ends."""
         while True:
-            if self.stream is None:
-                self.stream = iter(self.loader)
+            if mode not in self.streams:
+                self.streams[mode] = iter(self.loaders[mode])
             try:
-                return next(self.stream)
+                return next(self.streams[mode])
             except StopIteration:
-                self.stream = None
+                del self.streams[mode]
 
-    def loader_rate(self, num_images: int) -> float:
-        start, seen = time.perf_counter(), 0
+    def rate(self, mode: str, num_images: int) -> float:
+        """Images/s over ``num_images``. A worker prepares two batches ahead (``prefetch_factor``): the clock starts at
+        the arrival of the batch after those, from when on the worker never idles; after the clock stops, the time
+        of three batches passes, so that the worker's prefetching is done before anything else is timed."""
+        for _ in range(3 if mode == "1 worker" else 0):
+            self.next_batch(mode)
+        start, seen, batches = time.perf_counter(), 0, 0
         while seen < num_images:
-            batch = self.next_batch()
+            batch = self.next_batch(mode)
             seen += len(next(v for k, v in batch.items() if isinstance(v, torch.Tensor)))
-        return seen / (time.perf_counter() - start)
-
-    def ceiling_rate(self, num_images: int, decoder: str = "torchvision", batch_size: int = 0) -> float:
-        """Decode + bicubic resize per view, with PIL or with torchvision (``decode_image`` + its uint8 resize, what
-        the training transforms use); with ``batch_size``, also write each view into a fresh float32 batch tensor
-        (the memory a loader hands over: new pages, faulted in on first write, for every batch)."""
-        height, width = self.size
-        start = time.perf_counter()
-        batches: list[torch.Tensor] = []
-        for i in range(num_images):
-            if batch_size and i % batch_size == 0:
-                batches = [torch.empty(batch_size, 3, height, width) for _ in range(self.views)]
-            item = self.images[i % len(self.images)]
-            if isinstance(item, str):
-                with open(item, "rb") as f:
-                    item = f.read()
-            if decoder == "pil":
-                with Image.open(io.BytesIO(item)) as img:
-                    img = img.convert("RGB")
-                views = [img.resize((width, height), Image.BICUBIC) for _ in range(self.views)]
-            else:
-                pixels = decode_rgb(item)
-                views = [resize(pixels, self.size) for _ in range(self.views)]
-            if batch_size:
-                for batch, view in zip(batches, views):
-                    batch[i % batch_size].copy_(view if isinstance(view, torch.Tensor) else pil_to_tensor(view))
-        return num_images / (time.perf_counter() - start)
+            batches += 1
+        seconds = time.perf_counter() - start
+        if mode == "1 worker":
+            time.sleep(3 * seconds / batches)
+        return seen / seconds
 
 
 def shard_images(root: str) -> list[bytes]:
@@ -104,88 +154,124 @@ def shard_images(root: str) -> list[bytes]:
     return images
 
 
-def build(tmp: str, n: int, batch_size: int, workers: int) -> list[Pipeline]:
-    """The four training loaders over about ``n`` synthetic training images each."""
-    reid_root = write_market1501(os.path.join(tmp, "market"), num_train_ids=n // 8, images_per_id=8, num_test_ids=4,
-                                 queries_per_id=1, gallery_per_id=2, num_junk=0, num_distractors=0)
-    pa_root = write_pa100k(os.path.join(tmp, "pa100k"), num_train=n, num_val=8, num_test=8)
-    text_root = write_cuhk_pedes(os.path.join(tmp, "cuhk"), num_train_ids=n // 6, images_per_id=3, num_val_ids=2,
-                                 num_test_ids=2)
-    lup_root = write_luperson_shards(os.path.join(tmp, "lup"), num_images=n, shard_size=128)
-    common = {"batch_size": batch_size, "num_workers": workers}
-    modules: list[tuple[str, object, int]] = [
-        ("reID P x K (Market-1501)", ReIDDataModule(root=reid_root, **common), 1),
-        ("attributes (PA-100K)", AttributeDataModule(root=pa_root, **common), 1),
-        ("text search (CUHK-PEDES)", TextReIDDataModule("cuhk_pedes", text_root, **common), 1),
-        ("PersonMAE pairs (LUPerson shards)", LUPersonDataModule(root=lup_root, shuffle_buffer=256, **common), 2),
-    ]
-    pipelines = [per_image_baseline(reid_root, batch_size, workers)]
-    for name, data, views in modules:
-        data.setup("fit")
-        loader = data.train_dataloader()
-        if isinstance(data, LUPersonDataModule):
-            images = shard_images(lup_root)
-        else:
-            dataset = loader.dataset
-            records = dataset.images.records if hasattr(dataset, "images") else dataset.records
-            images = [r.path for r in records]
-        pipelines.append(Pipeline(name, loader, images, tuple(data.img_size), views))
-    return pipelines
-
-
-CEILINGS = {"pil": ("pil", 0), "tv": ("torchvision", 0), "tv_batch": ("torchvision", 1)}
-
-
-def per_image_baseline(root: str, batch_size: int, workers: int) -> Pipeline:
+def per_image_baseline(data: ReIDDataModule, workers: int) -> DataLoader:
     """The reID loader as it was before the batched transforms: torchvision's per-image PIL pipeline (resize, flip,
     pad + crop, ToTensor, Normalize, RandomErasing) and ``default_collate``, on the same P x K batches."""
-    data = ReIDDataModule(root=root, batch_size=batch_size, num_workers=workers)
-    data.setup("fit")
     h, w = data.img_size
     compose = T.Compose([T.Resize((h, w), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(0.5),
                          T.Pad(10), T.RandomCrop((h, w)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
                          T.RandomErasing(p=0.5, value="random")])
-    reference = data.train_dataloader()
-    loader = DataLoader(RecordDataset(data.records("train"), compose), batch_sampler=reference.batch_sampler,
-                        num_workers=workers, persistent_workers=workers > 0)
-    return Pipeline("reID P x K, per-image PIL (before)", loader, [r.path for r in data.records("train")],
-                    (h, w), 1)
+    sampler = data.train_dataloader().batch_sampler
+    return DataLoader(RecordDataset(data.records("train"), compose), batch_sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0)
 
 
-def measure(pipelines: list[Pipeline], num_images: int, repeats: int, batch_size: int) -> list[dict]:
+def build(tmp: str, n: int, batch_size: int) -> list[Pipeline]:
+    """The training loaders over about ``n`` synthetic training images each."""
+    roots = {
+        "reid": write_market1501(os.path.join(tmp, "market"), num_train_ids=n // 8, images_per_id=8, num_test_ids=4,
+                                 queries_per_id=1, gallery_per_id=2, num_junk=0, num_distractors=0),
+        "pa": write_pa100k(os.path.join(tmp, "pa100k"), num_train=n, num_val=8, num_test=8),
+        "text": write_cuhk_pedes(os.path.join(tmp, "cuhk"), num_train_ids=n // 6, images_per_id=3, num_val_ids=2,
+                                 num_test_ids=2),
+        "lup": write_luperson_shards(os.path.join(tmp, "lup"), num_images=n, shard_size=128),
+    }
+    lup = {"root": roots["lup"], "shuffle_buffer": 256}
+    specs = [  # name (its first word names the files), datamodule, arguments, views per image
+        ("reID P x K (Market-1501)", ReIDDataModule, {"root": roots["reid"]}, 1),
+        ("reID P x K, finish on device", ReIDDataModule, {"root": roots["reid"], "finish_on_device": True}, 1),
+        ("attributes (PA-100K)", AttributeDataModule, {"root": roots["pa"]}, 1),
+        ("text search (CUHK-PEDES)", TextReIDDataModule, {"dataset": "cuhk_pedes", "root": roots["text"]}, 1),
+        ("PersonMAE pairs (LUPerson shards)", LUPersonDataModule, lup, 2),
+        ("PersonMAE pairs, finish on device", LUPersonDataModule, {**lup, "finish_on_device": True}, 2),
+    ]
+    files: dict[str, Files] = {}
+    pipelines = []
+    for name, module, kwargs, views in specs:
+        loaders, before = {}, {}
+        for mode, workers in (("in-proc", 0), ("1 worker", 1)):
+            data = module(batch_size=batch_size, num_workers=workers, **kwargs)
+            data.setup("fit")
+            loaders[mode] = data.train_dataloader()
+            if name.startswith("reID P x K (Market"):
+                before[mode] = per_image_baseline(data, workers)
+        key = name.split(" ")[0]
+        if key not in files:
+            if isinstance(data, LUPersonDataModule):
+                items: list = shard_images(roots["lup"])
+            else:
+                dataset = loaders["in-proc"].dataset
+                items = [r.path for r in (dataset.images.records if hasattr(dataset, "images") else dataset.records)]
+            crop = (tuple(data.hparams.region_scale), tuple(data.hparams.region_ratio)) if views > 1 else None
+            files[key] = Files(items, tuple(data.img_size), views, batch_size, crop)
+        if before:
+            pipelines.append(Pipeline("reID P x K, per-image PIL (before)", before, files[key]))
+        pipelines.append(Pipeline(name, loaders, files[key]))
+    return pipelines
+
+
+def measure(pipelines: list[Pipeline], num_images: int, repeats: int) -> list[dict]:
+    """Per round and pipeline, back to back: the in-process loader, the ceilings of its files, the 1-worker
+    loader (so that a change in the load from other processes hits a loader and its ceilings alike)."""
     for p in pipelines:  # warm-up: page cache, tokenizer, loader workers, first-use allocations
-        p.loader_rate(num_images // 4)
-        p.ceiling_rate(num_images // 4)
-    runs = {p.name: {k: [] for k in ("loader", *CEILINGS)} for p in pipelines}
+        for mode in p.loaders:
+            p.rate(mode, num_images // 4)
+        for c in CEILINGS:
+            p.files.rate(c, num_images // 4)
+    runs = {p.name: {k: [] for k in ("in-proc", *CEILINGS, "1 worker")} for p in pipelines}
     for _ in range(repeats):
         for p in pipelines:
-            runs[p.name]["loader"].append(p.loader_rate(num_images))
-            for key, (decoder, batched) in CEILINGS.items():
-                runs[p.name][key].append(p.ceiling_rate(num_images, decoder, batch_size * batched))
-    out = []
+            r = runs[p.name]
+            r["in-proc"].append(p.rate("in-proc", num_images))
+            for c in CEILINGS:
+                r[c].append(p.files.rate(c, num_images))
+            r["1 worker"].append(p.rate("1 worker", num_images))
+    rows = []
     for p in pipelines:
         r = runs[p.name]
-        row = {"pipeline": p.name, "img_size": list(p.size), "views": p.views,
+        row = {"pipeline": p.name, "img_size": list(p.files.size), "views": p.files.views,
                **{f"{k}_img_s": statistics.median(v) for k, v in r.items()}, "runs": r}
-        for key in CEILINGS:
-            row[f"ratio_{key}"] = statistics.median(a / b for a, b in zip(r["loader"], r[key]))
-        out.append(row)
-    return out
+        for c in CEILINGS:
+            row[f"ratio_{c}"] = statistics.median(a / b for a, b in zip(r["in-proc"], r[c]))
+        row["ratio_worker_floor"] = statistics.median(a / b for a, b in zip(r["1 worker"], r["floor"]))
+        rows.append(row)
+    return rows
 
 
-def table(rows: list[dict], gpu_rate: float) -> str:
-    header = (f"{'training loader':<34} {'input':>9} {'loader':>7} {'PIL':>6} {'ratio':>6} {'tv':>6} {'ratio':>6} "
-              f"{'tv+batch':>8} {'ratio':>6} {f'workers for {gpu_rate:g}/s':>18}")
+def reid_gflop_per_image() -> float:
+    """FLOPs per image of ``benchmarks/gpu_throughput.py``'s ViT-B/16 reID training step (forward + backward),
+    counted on the CPU with a batch of 4 (one identity x 4)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import gpu_throughput
+
+    args = argparse.Namespace(smoke=False, reid_batch=4, compile=False)
+    workload = gpu_throughput.reid_workload(args, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        workload.step()
+    return counter.get_total_flops() / workload.images / 1e9
+
+
+def table(rows: list[dict], gpu_rate: float, gpu_note: str) -> str:
+    header = (f"{'training loader':<35} {'input':>9} {'in-proc':>7} {'1 worker':>8} {'PIL dec':>7} {'tv dec':>6} "
+              f"{'floor':>6} {'f32 floor':>9} {'/PIL':>5} {'/tv':>5} {'/floor':>6} {'/f32':>5} {'1w/floor':>8} "
+              f"{'workers':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         size = "x".join(map(str, r["img_size"])) + (f"x{r['views']}" if r["views"] > 1 else "")
-        lines.append(f"{r['pipeline']:<34} {size:>9} {r['loader_img_s']:>7.0f} {r['pil_img_s']:>6.0f} "
-                     f"{r['ratio_pil']:>6.2f} {r['tv_img_s']:>6.0f} {r['ratio_tv']:>6.2f} {r['tv_batch_img_s']:>8.0f} "
-                     f"{r['ratio_tv_batch']:>6.2f} {math.ceil(gpu_rate / r['loader_img_s']):>18d}")
-    lines.append("images/s per process, medians. Ceilings over the same files: PIL = PIL decode + bicubic resize per "
-                 "view; tv = torchvision decode_image + its uint8 bicubic resize (what the loaders use); tv+batch = "
-                 "tv plus copying each view into a fresh float32 batch tensor. ratio = loader / ceiling (median of "
-                 "the rounds).")
+        lines.append(f"{r['pipeline']:<35} {size:>9} {r['in-proc_img_s']:>7.0f} {r['1 worker_img_s']:>8.0f} "
+                     f"{r['pil_dec_img_s']:>7.0f} {r['tv_dec_img_s']:>6.0f} {r['floor_img_s']:>6.0f} "
+                     f"{r['floor_f32_img_s']:>9.0f} {r['ratio_pil_dec']:>5.2f} {r['ratio_tv_dec']:>5.2f} "
+                     f"{r['ratio_floor']:>6.2f} {r['ratio_floor_f32']:>5.2f} {r['ratio_worker_floor']:>8.2f} "
+                     f"{math.ceil(gpu_rate / r['1 worker_img_s']):>7d}")
+    lines += ["images/s per process (one thread), medians over the rounds. Ceilings over the same files: PIL dec / "
+              "tv dec = decoding only with PIL / torchvision; floor = tv decoding + the bicubic resize to the input "
+              "per view; f32 floor = floor + a normalised float32 batch. /PIL, /tv, /floor, /f32 = in-process "
+              "loader / ceiling, 1w/floor = 1-worker loader / floor (medians of the per-round ratios). \"finish on "
+              "device\" rows leave the float work to the GPU.",
+              f"workers = loader processes for {gpu_rate:.0f} images/s ({gpu_note}), at the 1-worker rate; "
+              "Assumption: linear scaling, one core per worker plus one for training, until the cores run out."]
     return "\n".join(lines)
 
 
@@ -193,26 +279,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/data_throughput.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1536, help="synthetic training images per dataset")
-    parser.add_argument("--per-run", type=int, default=1024, help="images per timed run")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (loaders and ceilings take turns)")
+    parser.add_argument("--per-run", type=int, default=512, help="images per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (loaders and ceilings take turns)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0,
-                        help="loader worker processes (0: the loop does a worker's work itself; 1: one worker, "
-                             "plus the cost of handing batches over)")
-    parser.add_argument("--gpu-rate", type=float, default=2000.0, help="images/s the GPU consumes")
+    parser.add_argument("--mfu", type=float, default=0.45, help="the GPU goal: model FLOPs utilisation")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense bf16 peak (H200: 790)")
+    parser.add_argument("--gflop-per-image", type=float, default=None,
+                        help="FLOPs per training image of the GPU model in GFLOP (default: counted, about 30 s)")
     parser.add_argument("--json", default=None, help="also write the measurements here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    gflop = args.gflop_per_image if args.gflop_per_image is not None else reid_gflop_per_image()
+    gpu_rate = args.mfu * args.peak_tflops * 1e3 / gflop
+    gpu_note = (f"ViT-B/16 256x128 reID at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s, "
+                f"{gflop:.1f} GFLOP/image")
     with tempfile.TemporaryDirectory(prefix="data-throughput-") as tmp:
         start = time.perf_counter()
-        pipelines = build(tmp, args.images, args.batch_size, args.workers)
+        pipelines = build(tmp, args.images, args.batch_size)
         print(f"wrote and parsed the synthetic data in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        rows = measure(pipelines, args.per_run, args.repeats, args.batch_size)
-    print(table(rows, args.gpu_rate))
+        rows = measure(pipelines, args.per_run, args.repeats)
+    print(table(rows, gpu_rate, gpu_note))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"args": vars(args), "gflop_per_image": gflop, "gpu_images_per_s": gpu_rate, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

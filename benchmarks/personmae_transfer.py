@@ -39,19 +39,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import os
 import random
 import sys
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from ablation_cli import ablation_parser, parse_with_presets, quiet_logs  # noqa: E402  # benchmarks/ablation_cli.py
 from paired import summarise  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
 from PIL import Image, ImageDraw  # noqa: E402
 from torchvision.transforms import functional as TF  # noqa: E402
@@ -230,9 +229,7 @@ def evaluate(encoder: torch.nn.Module, sets: dict) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, tiny data, 1 epoch each (a smoke run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser = ablation_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-images", type=int, default=None)
     parser.add_argument("--pretrain-epochs", type=int, default=None)
     parser.add_argument("--occluded", type=float, default=0.3, help="share of occluded pre-training images")
@@ -244,16 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", default=None, help="where the synthetic sets are written (default: a temp folder)")
     parser.add_argument("--out", default="runs/bench/personmae_transfer.json")
-    args = parser.parse_args(argv)
     quick = {"seeds": [0, 1], "pretrain_images": 128, "pretrain_epochs": 1, "ids": 8, "pair_ids": 8}
     full = {"seeds": [0, 1, 2], "pretrain_images": 2048, "pretrain_epochs": 4, "ids": 48, "pair_ids": 48}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_with_presets(parser, argv, quick, full)
     torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("pedlightning").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_logs()
     settings = {k: getattr(args, k) for k in ("pretrain_images", "pretrain_epochs", "occluded", "ids", "pair_ids",
                                               "pairs_per_id", "batch_size")}
     saved = {}

@@ -15,8 +15,8 @@ code. That matrix product is a floor no exact evaluation can go below; the `dist
 `reference_eval`), to show the numbers are otherwise identical.
 
 The real peer: torchreid 0.2.5's `evaluate_rank` (its python evaluator; the Cython one is not built by the PyPI
-package), run once per case on the same distance matrix when torchreid is importable, for instance from
-`pip install --no-deps --target /tmp/torchreid torchreid==0.2.5` and `PYTHONPATH=/tmp/torchreid`. Only its metrics
+package), run once per case on the same distance matrix when torchreid is importable: `make bench` installs it (the
+bench-only extra `pip install -e ".[bench-peers]"`; torchreid 0.2.5 declares no dependencies). Only its metrics
 module is loaded (the package itself imports its whole model zoo). Its numbers are compared with `reid_evaluate(...,
 ties="gallery_order")`: `np.argsort` has no defined order for ties, and a stable order is the closest rule. It takes
 minutes at Market size, so it is skipped on MSMT17-size unless `--torchreid-msmt17`.

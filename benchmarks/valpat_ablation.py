@@ -29,17 +29,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from ablation_cli import ablation_parser, parse_with_presets, quiet_logs  # noqa: E402  # benchmarks/ablation_cli.py
 from paired import summarise  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
 
 from pedlightning.data.datamodules import (  # noqa: E402
@@ -170,9 +169,7 @@ def write_data(root: str, args: argparse.Namespace) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, tiny data, 1 epoch each (a smoke run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser = ablation_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-images", type=int, default=None)
     parser.add_argument("--pretrain-epochs", type=int, default=None)
     parser.add_argument("--probe-epochs", type=int, default=None)
@@ -182,16 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--data", default=None, help="where the synthetic sets are written (default: a temp folder)")
     parser.add_argument("--out", default="runs/bench/valpat_ablation.json")
-    args = parser.parse_args(argv)
     quick = {"seeds": [0, 1], "pretrain_images": 128, "pretrain_epochs": 1, "probe_epochs": 1, "ids": 8}
     full = {"seeds": [0, 1, 2], "pretrain_images": 1024, "pretrain_epochs": 3, "probe_epochs": 2, "ids": 24}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_with_presets(parser, argv, quick, full)
     torch.set_num_threads(2)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("pedlightning").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_logs()
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         roots = write_data(args.data or tmp, args)

@@ -7,9 +7,7 @@ import os
 import lightning as L
 import pytest
 import torch
-import yaml
 
-from pedlightning.cli import main
 from pedlightning.data.datamodules.attributes import AttributeDataModule
 from pedlightning.data.synthetic import write_pa100k
 from pedlightning.errors import ConfigError
@@ -17,9 +15,9 @@ from pedlightning.losses import weighted_bce
 from pedlightning.metrics import attribute_metrics
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.tasks.attributes import AttributeModule
-from tests.support.results import logged_test_metrics
+from tests.support.cli import REPO, fit_with_overlay, logged_test_run, resolved_config
+from tests.support.trainers import cpu_trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs/attributes/demo_synthetic.yaml")
 SIZE = (64, 32)
 
@@ -33,12 +31,6 @@ def pa100k(tmp_path_factory) -> str:
 def _data(root, **kw):
     kw = {"img_size": SIZE, "batch_size": 16, "num_workers": 0, **kw}
     return AttributeDataModule("pa100k", root, **kw)
-
-
-def _trainer(tmp_path, **kw):
-    kw = {"logger": False, "enable_checkpointing": False, **kw}
-    return L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, default_root_dir=str(tmp_path), **kw)
 
 
 def _model(lr=3e-3, **kw):
@@ -56,8 +48,8 @@ def test_overfitting_one_batch_reduces_the_loss(tmp_path, pa100k, weighted):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    _trainer(tmp_path, max_steps=40, overfit_batches=1, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
-             callbacks=[Record()]).fit(model, data)
+    cpu_trainer(tmp_path, max_steps=40, overfit_batches=1, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
+                callbacks=[Record()]).fit(model, data)
     assert losses[-1] < 0.6 * losses[0], losses
     # The head width, the loss weights and the names came from the datamodule.
     assert model.hparams.num_attributes == 26 == model.head.fc.out_features
@@ -83,7 +75,7 @@ def test_training_step_weights_the_bce_by_the_positive_ratio(pa100k):
 
 def test_checkpoint_rebuilds_the_head_and_carries_the_positive_ratio(tmp_path, pa100k):
     data, model = _data(pa100k), _model()
-    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(model, data)
     path = str(tmp_path / "model.ckpt")
     trainer.save_checkpoint(path)
@@ -113,7 +105,7 @@ def test_without_num_attributes_or_datamodule_is_a_config_error(tmp_path, pa100k
     data = _data(pa100k)
     data.setup("fit")
     with pytest.raises(ConfigError, match="num_attributes"):
-        _trainer(tmp_path, fast_dev_run=True).fit(_model(), train_dataloaders=data.train_dataloader())
+        cpu_trainer(tmp_path, fast_dev_run=True).fit(_model(), train_dataloaders=data.train_dataloader())
     with pytest.raises(ConfigError, match="model.positive_ratio has 3 entries"):
         _model(num_attributes=26, positive_ratio=[0.5, 0.5, 0.5])
 
@@ -121,17 +113,13 @@ def test_without_num_attributes_or_datamodule_is_a_config_error(tmp_path, pa100k
 def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
     """`pedlightning fit` / `test` with the demo config; the logged test metrics equal attribute_metrics computed
     from the checkpoint's predictions outside Lightning."""
-    run, overlay = tmp_path / "run", tmp_path / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({
+    run = tmp_path / "run"
+    ckpt = fit_with_overlay(DEMO, {
         "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1, "enable_progress_bar": False, "callbacks": []},
-        "data": {"init_args": {"root": pa100k, "num_workers": 0, "batch_size": 16}}}))
-    main(["fit", "--config", DEMO, "--config", str(overlay), f"--trainer.default_root_dir={run}"])
-    ckpt = run / "checkpoints" / "last.ckpt"
+        "data": {"init_args": {"root": pa100k, "num_workers": 0, "batch_size": 16}}}, run)
     state = torch.load(ckpt, weights_only=True)
     assert state["hyper_parameters"]["num_attributes"] == 26
-    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}",
-          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run / 'csv'}"])
-    logged = logged_test_metrics(run / "csv")
+    logged = logged_test_run(run, ckpt)
 
     model = AttributeModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     data = _data(pa100k)
@@ -160,7 +148,7 @@ def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
 
 def test_validation_puts_mA_on_the_progress_bar_and_writes_the_table(tmp_path, pa100k):
     data, model = _data(pa100k), _model()
-    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
     trainer.fit(model, data)
     model.eval()
     probs, labels = [], []
@@ -182,10 +170,7 @@ def test_validation_puts_mA_on_the_progress_bar_and_writes_the_table(tmp_path, p
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(REPO, "configs/attributes/*.yaml"))),
                          ids=os.path.basename)
 def test_config_is_consistent(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", config, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    resolved = yaml.safe_load(capsys.readouterr().out)
+    resolved = resolved_config(capsys, config)
     model, data = resolved["model"]["init_args"], resolved["data"]["init_args"]
     assert model["encoder"]["img_size"] == data["img_size"]
     assert model["threshold"] == 0.5 and model["weighted_loss"] is True

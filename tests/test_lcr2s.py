@@ -235,6 +235,32 @@ def test_teacher_enrichment_ignores_other_identities():
     assert masks[0].sum(1).tolist() == [3] * 8  # itself + support_size 2
 
 
+def test_oracle_split_fusion_follows_identities_and_can_skip_captions_of_the_same_image():
+    """``fuse_split`` (the teacher's upper reference): captions 0, 1 describe image 0, captions 2, 3 image 1 (one
+    person), 4, 5 the one image of another. With ``distinct`` = image index, caption 0's support is captions 2 and 3
+    only, and captions 4, 5 have none."""
+    torch.manual_seed(0)
+    teacher = _model().eval()
+    feats, pids, images = torch.randn(6, 64), torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([0, 0, 1, 1, 2, 2])
+
+    def changed(distinct, row):  # does caption 0's fused feature move when caption `row` changes?
+        with torch.no_grad():
+            before = teacher.fuse_split(feats, pids, "text", distinct=distinct)
+            other = feats.clone()
+            other[row] += 1.0
+            return (teacher.fuse_split(other, pids, "text", distinct=distinct)[0] - before[0]).abs().max() > 1e-4
+
+    assert changed(images, 2) and not changed(images, 1) and not changed(images, 4)
+    assert changed(None, 1) and changed(None, 2) and not changed(None, 5)
+    with torch.no_grad():
+        mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0],
+                             [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)  # 4, 5: one image
+        expected = teacher.text_fusion(feats, mask)
+        assert torch.allclose(teacher.fuse_split(feats, pids, "text", distinct=images), expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="needs a stage='teacher' model"):
+        _model("student").fuse_split(feats, pids, "image")
+
+
 def test_student_starts_as_the_teacher_and_its_loss_is_the_weighted_sum_of_the_terms(tmp_path):
     teacher, path = _teacher_file(tmp_path, support_size=2)  # the student enriches with the teacher's size
     student = _model("student", teacher_ckpt=path, feature_kd_weight=0.5, relation_kd_weight=2.0).eval()
@@ -269,6 +295,30 @@ def test_student_without_a_teacher_file_is_a_clear_error(tmp_path):
     torch.save({"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams)}, path)
     with pytest.raises(CheckpointError, match="not an LCR2SModule teacher checkpoint"):
         _model("student", teacher_ckpt=path).setup("fit")
+
+
+def test_optimization_options_reach_the_optimizer_and_the_teacher_still_loads(tmp_path, capsys):
+    """TaskModule's options by name (``**optimization``), from the CLI to the parameter groups; a teacher saved with
+    them loads as the frozen teacher (its optimisation options are not needed there)."""
+    options = {"lr_multipliers": {"image_fusion": 4.0}, "bias_lr_factor": 2.0}
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", os.path.join(REPO, "configs/lcr2s/demo_teacher_synthetic.yaml"), "--print_config",
+              "--model.init_args.lr_multipliers={image_fusion: 4.0}", "--model.init_args.bias_lr_factor=2.0"])
+    resolved = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert {k: resolved[k] for k in options} == options
+    teacher = _model(**options)
+    assert {k: teacher.hparams[k] for k in options} == options
+    optimizer = teacher.configure_optimizers()["optimizer"]
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in teacher.named_parameters():
+        bias = "bias" in name.rsplit(".", 1)[-1]  # attention's in_proj_bias included
+        expected = 4e-3 if name.startswith("image_fusion.") else 2e-3 if bias else 1e-3
+        assert lrs[id(p)] == pytest.approx(expected), name
+    assert sorted({round(lr, 6) for lr in lrs.values()}) == [1e-3, 2e-3, 4e-3]
+    path = str(tmp_path / "teacher.ckpt")
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
+    student = _model("student", teacher_ckpt=path)
+    assert student.teacher.hparams.stage == "teacher" and student.teacher.lr_multipliers == {}
 
 
 def _fit_teacher(tmp_path, cuhk, **kw) -> str:
@@ -424,3 +474,12 @@ def test_configs_run_two_steps_shrunk(name, tmp_path):
           f"--model.init_args.teacher_ckpt={teacher_ckpt}", *common])
     student = torch.load(tmp_path / "student" / "checkpoints" / "last.ckpt", weights_only=True)
     assert student["global_step"] == 2 and student["hyper_parameters"]["num_classes"] == 8
+
+
+def test_only_a_student_started_from_its_teacher_skips_the_untrained_weights_warning(tmp_path):
+    _, path = _teacher_file(tmp_path)
+    teacher_roles = [role for role, _ in _model().recipe_pretrained_encoders()]
+    assert teacher_roles == ["image_encoder", "text_encoder"]
+    assert _model("student", teacher_ckpt=path).recipe_pretrained_encoders() == []  # weights come from the teacher
+    cold = _model("student", teacher_ckpt=path, init_from_teacher=False)
+    assert [role for role, _ in cold.recipe_pretrained_encoders()] == teacher_roles

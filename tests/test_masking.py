@@ -8,31 +8,11 @@ import torch
 
 from pedlightning.errors import ConfigError
 from pedlightning.models.masking import MaskGenerator, block_layout
+from tests.support.scripted_rng import ScriptedRng
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRID = (16, 8)  # 256 x 128 input, 16-pixel patches
-
-
-class ScriptedRng:
-    """Hand-chosen block draws; the random fill (``choice``) comes from a real seeded generator."""
-
-    def __init__(self, uniforms, integers):
-        self.uniforms, self.ints = list(uniforms), list(integers)
-        self.fill = np.random.default_rng(0)
-
-    def uniform(self, low, high):
-        value = self.uniforms.pop(0)
-        assert low <= value <= high
-        return value
-
-    def integers(self, low, high):
-        value = self.ints.pop(0)
-        assert low <= value < high
-        return value
-
-    def choice(self, *args, **kwargs):
-        return self.fill.choice(*args, **kwargs)
 
 
 def _union(blocks, grid=GRID) -> np.ndarray:

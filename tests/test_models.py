@@ -232,6 +232,11 @@ def test_unreadable_checkpoints_name_the_file(tmp_path):
     torch.save({"foo.bar": torch.zeros(3)}, unrelated)
     with pytest.raises(CheckpointError, match=r"unrelated.pth.*expected keys like \['cls_token'"):
         load_pretrained(model, str(unrelated))
+    wider = tmp_path / "wider.pth"  # the same architecture at another width: every key matches, no shape does
+    torch.save({k: torch.zeros(*(d + 1 for d in v.shape)) for k, v in model.state_dict().items()}, wider)
+    with pytest.raises(CheckpointError, match=r"wider.pth.*every shape differs.*cls_token: checkpoint \(2, 2, 65\) "
+                                              r"vs model \(1, 1, 64\)"):
+        load_pretrained(model, str(wider))
 
 
 def _tiny_clip_encoder(img_size, pretrained=None) -> ImageEncoder:

@@ -39,6 +39,7 @@ from pedlightning.tasks.personmae import (
     patchify,
     unpatchify,
 )
+from tests.support.scripted_rng import ScriptedRng
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,23 +68,6 @@ def test_ratio_rounding_and_bounds():
     assert num_masked_patches(4, 0.99) == 3  # one patch always stays visible
     with pytest.raises(ValueError, match="mask ratio"):
         MaskGenerator(GRID, 1.0)
-
-
-class ScriptedRng:
-    """Stands in for numpy's Generator with hand-chosen draws."""
-
-    def __init__(self, uniforms, integers):
-        self.uniforms, self.ints = list(uniforms), list(integers)
-
-    def uniform(self, low, high):
-        value = self.uniforms.pop(0)
-        assert low <= value <= high
-        return value
-
-    def integers(self, low, high):
-        value = self.ints.pop(0)
-        assert low <= value < high
-        return value
 
 
 def test_block_mask_places_the_drawn_rectangle_on_the_16x8_grid():

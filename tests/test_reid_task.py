@@ -155,7 +155,7 @@ def test_centre_loss_options_are_checked():
 def test_test_time_options_name_evaluation_arguments_of_each_task():
     assert TaskModule.test_time_options == ()
     assert ReIDModule.test_time_options == ("neck_feat", "flip_test", "metric", "rerank", "k1", "k2",
-                                            "lambda_value", "report_chance")
-    assert TextReIDModule.test_time_options == ("report_chance",)
+                                            "lambda_value", "ties", "report_chance")
+    assert TextReIDModule.test_time_options == ("ties", "report_chance")
     for cls in (ReIDModule, TextReIDModule):
         assert set(cls.test_time_options) <= set(inspect.signature(cls).parameters), cls

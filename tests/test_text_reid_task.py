@@ -7,9 +7,7 @@ import os
 import lightning as L
 import pytest
 import torch
-import yaml
 
-from pedlightning.cli import main
 from pedlightning.data.caption_datasets import CaptionDataset, ImageCaptionDataset
 from pedlightning.data.datamodules.text import TextReIDDataModule
 from pedlightning.data.datasets import RecordDataset
@@ -20,9 +18,10 @@ from pedlightning.errors import ConfigError
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.text import CLIP_PRESETS, TextEncoderConfig, build_clip
 from pedlightning.tasks.text_reid import TextReIDModule
-from tests.support.results import logged_test_metrics, text_to_image_on_test_split
+from tests.support.cli import REPO, fit_with_overlay, logged_test_run, resolved_config
+from tests.support.results import text_to_image_on_test_split
+from tests.support.trainers import cpu_trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs/text_reid/demo_synthetic.yaml")
 SIZE = (64, 32)
 
@@ -49,12 +48,6 @@ def _model(lr=1e-3, image="open_clip:clip_tiny_test", size=SIZE, pretrained=None
     return TextReIDModule(ImageEncoderConfig(image, size, drop_path_rate=drop_path, pretrained=pretrained),
                           TextEncoderConfig("clip_tiny_test", pretrained=pretrained),
                           optimizer=lambda p: torch.optim.Adam(p, lr=lr), warmup_epochs=0.0, **kw)
-
-
-def _trainer(tmp_path, **kw):
-    kw = {"logger": False, "enable_checkpointing": False, **kw}
-    return L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, default_root_dir=str(tmp_path), **kw)
 
 
 def test_caption_datasets_have_one_item_per_caption(cuhk):
@@ -107,8 +100,8 @@ def _overfit_one_batch(tmp_path, root, model) -> tuple[dict[str, float], dict[st
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("loss")})
 
-    _trainer(tmp_path, max_steps=20, overfit_batches=1, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
-             callbacks=[Record()]).fit(model, data)
+    cpu_trainer(tmp_path, max_steps=20, overfit_batches=1, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
+                callbacks=[Record()]).fit(model, data)
     return losses[0], losses[-1]
 
 
@@ -150,7 +143,7 @@ def test_model_selection_chooses_the_validation_split(tmp_path, cuhk, selection,
     test_queries, test_gallery = data.test_dataloader().dataset.parts
     assert test_gallery.records == data.source.test
 
-    model, trainer = _model(), _trainer(tmp_path, max_steps=1, limit_train_batches=1)
+    model, trainer = _model(), cpu_trainer(tmp_path, max_steps=1, limit_train_batches=1)
     caplog.set_level("INFO")
     if selection == "test":
         with pytest.warns(UserWarning, match=r"val/\* metrics are computed on the TEST split"):
@@ -167,7 +160,7 @@ def test_icfg_has_no_val_split(tmp_path, icfg):
     data.setup("fit")
     assert data.source.val == []
     with pytest.raises(ConfigError, match="has no validation split .*model_selection: test"):
-        _trainer(tmp_path, max_steps=1).fit(_model(), data)
+        cpu_trainer(tmp_path, max_steps=1).fit(_model(), data)
     test_selected = _data(icfg, "icfg_pedes", model_selection="test")
     with pytest.warns(UserWarning, match="TEST SPLIT"):
         test_selected.setup("fit")
@@ -177,24 +170,20 @@ def test_icfg_has_no_val_split(tmp_path, icfg):
 def test_mismatched_image_size_is_a_config_error(tmp_path, cuhk):
     model = _model(size=(128, 64), num_classes=8)
     with pytest.raises(ConfigError, match=r"model has img_size=\[128, 64\] but the data .* has img_size=\[64, 32\]"):
-        _trainer(tmp_path, fast_dev_run=True).fit(model, _data(cuhk))
+        cpu_trainer(tmp_path, fast_dev_run=True).fit(model, _data(cuhk))
 
 
 def test_cli_fit_then_test_of_the_demo_config(tmp_path, cuhk):
     """`pedlightning fit` / `test` with the demo config; the logged test metrics equal retrieval_evaluate on the
     checkpoint's features computed outside Lightning, and rank lists of caption queries are drawn."""
-    run, overlay = tmp_path / "run", tmp_path / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({
+    run = tmp_path / "run"
+    ckpt = fit_with_overlay(DEMO, {
         "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1, "enable_progress_bar": False,
                     "callbacks": [{"class_path": "pedlightning.callbacks.RankListCallback",
                                    "init_args": {"num_queries": 3, "top_k": 5}}]},
-        "data": {"init_args": {"root": cuhk, "num_workers": 0, "batch_size": 16}}}))
-    main(["fit", "--config", DEMO, "--config", str(overlay), f"--trainer.default_root_dir={run}"])
-    ckpt = run / "checkpoints" / "last.ckpt"
+        "data": {"init_args": {"root": cuhk, "num_workers": 0, "batch_size": 16}}}, run)
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["num_classes"] == 8
-    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}",
-          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run / 'csv'}"])
-    logged = logged_test_metrics(run / "csv")
+    logged = logged_test_run(run, ckpt)
     assert sorted(os.listdir(run / "ranklists")) == ["ranklist_000.png"]
 
     model = TextReIDModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
@@ -210,7 +199,7 @@ def test_cli_fit_then_test_of_the_demo_config(tmp_path, cuhk):
 
 def test_ranklist_inputs_are_captions_and_gallery_paths_in_dataset_order(tmp_path, cuhk):
     data, model = _data(cuhk), _model(num_classes=8)
-    _trainer(tmp_path).test(model, data, verbose=False)
+    cpu_trainer(tmp_path).test(model, data, verbose=False)
     inputs = model.ranklist_inputs()
     assert inputs.query_is_text and inputs.query_camids is None
     assert inputs.query_items == [c for r in data.source.test for c in r.captions]
@@ -224,10 +213,7 @@ def test_ranklist_inputs_are_captions_and_gallery_paths_in_dataset_order(tmp_pat
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(REPO, "configs/text_reid/*.yaml"))),
                          ids=os.path.basename)
 def test_config_is_consistent(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", config, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    resolved = yaml.safe_load(capsys.readouterr().out)
+    resolved = resolved_config(capsys, config)
     model, data = resolved["model"]["init_args"], resolved["data"]["init_args"]
     image, text = model["image_encoder"], model["text_encoder"]
     assert image["img_size"] == data["img_size"] and text["context_length"] == data["context_length"]
@@ -257,9 +243,7 @@ def _irra_expected(name: str, base: float, wd: float, new_layers: tuple[str, ...
 ])
 def test_irra_configs_build_irras_parameter_groups(config, image, new_layers, capsys):
     """The recipe keys of the config, on tiny towers: every parameter's lr and weight decay as IRRA's solver."""
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", os.path.join(REPO, config), "--print_config"])
-    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    init = resolved_config(capsys, os.path.join(REPO, config))["model"]["init_args"]
     opt = init.pop("optimizer")
     assert opt["class_path"] == "torch.optim.Adam"
     recipe = {k: init[k] for k in ("weight_decay", "lr_multipliers", "bias_lr_factor", "no_decay_names",

@@ -406,6 +406,12 @@ def apply_state_dict(
     report.missing = [k for k in target if k not in state_dict]
 
     where = path or "the state dict"
+    if not to_load and report.skipped:
+        shapes = "; ".join(f"{k}: {report.notes[k]}" for k in report.skipped[:5])
+        raise CheckpointError(
+            f"No tensor of {where} fits {type(model).__name__}: the keys match but every shape differs "
+            f"({len(report.skipped)} tensors, e.g. {shapes}); is it another architecture or width?"
+        )
     if not to_load:
         raise CheckpointError(
             f"No tensor of {where} fits {type(model).__name__}: expected keys like {list(target)[:5]}, "

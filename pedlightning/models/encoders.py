@@ -114,8 +114,10 @@ def warn_if_untrained(config: ImageEncoderConfig | TextEncoderConfig | Mapping[s
 
     It warns when `config.pretrained` is None, the model is not a tiny preset and the data is not synthetic:
     a ViT-B or ResNet-50 fine-tuned from scratch on a reID-sized dataset lands far below the published numbers,
-    and nothing else would say why. Pre-training tasks that start from scratch by design (PersonMAE) should not
-    call it. `source` names the data (a `DataSpec.source`); `role` the config key (e.g. `image_encoder`).
+    and nothing else would say why. Every task calls it when training starts (`TaskModule.warn_untrained_encoders`)
+    for the encoders its recipe starts from pre-trained weights; pre-training tasks that start from scratch by design
+    (PersonMAE, VAL-PAT) leave theirs out. `source` names the data (a `DataSpec.source`); `role` the config key
+    (e.g. `image_encoder`).
     Returns whether it warned now.
     """
     values = dict(config) if isinstance(config, Mapping) else dataclasses.asdict(config)
@@ -133,6 +135,7 @@ def warn_if_untrained(config: ImageEncoderConfig | TextEncoderConfig | Mapping[s
                    f"RANDOM INITIALISATION on {source}. The published recipes start from pre-trained weights; "
                    f"from scratch, expect results far below them. Set {role}.pretrained{example}.")
     return True
+
 
 class OverlappingPatchEmbed(PatchEmbed):
     """Patch embedding whose kernel (patch size) is larger than its stride: TransReID's overlapping patches.

@@ -14,6 +14,7 @@ from pedlightning.data.sources.base import format_table
 from pedlightning.errors import ConfigError
 from pedlightning.losses import weighted_bce
 from pedlightning.metrics import AttributeMetric
+from pedlightning.metrics.attributes import UnlabelledPredictions
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.heads import AttributeHead
 from pedlightning.optim import Schedule
@@ -33,6 +34,10 @@ class AttributeModule(TaskModule):
     ``<log_dir>/attributes_<stage>.csv`` (the logger's folder, else ``default_root_dir``; one row per attribute:
     training positive ratio, mA, positive and negative recall), and the test run prints that table.
 
+    Labels of -1 mean "unlabelled" (datasets merged from several annotation sources): they add nothing to the
+    loss and are left out of their attribute's metrics; an evaluation that met any logs their count as
+    ``<stage>/num_unlabelled``.
+
     Args:
         encoder: the image encoder (:class:`~pedlightning.models.encoders.ImageEncoderConfig`; ``img_size`` must
             match the data; ``pretrained`` a local checkpoint: timm, MAE, open_clip visual, or a pedlightning
@@ -41,32 +46,51 @@ class AttributeModule(TaskModule):
         num_attributes: ``None`` takes the data's ``num_attributes`` in ``setup`` (then stored in
             the hyper-parameters, so checkpoints rebuild the head).
         attribute_names: names for the per-attribute table; ``None`` takes the data's.
-        positive_ratio: per-attribute positive ratio of the training set for the loss weights; ``None`` takes
-            the data's in ``setup``. Kept in the ``positive_ratio`` buffer, so checkpoints carry it.
+        positive_ratio: per-attribute positive ratio of the training set for the loss weights (positives over
+            the labelled, not -1, targets); ``None`` takes the data's in ``setup``. Kept in the
+            ``positive_ratio`` buffer, so checkpoints carry it.
         weighted_loss: weight the BCE by ``positive_ratio`` (on in the strong baseline); off = plain BCE.
         threshold: decision threshold on the sigmoid output (0.5, the protocol of every PAR benchmark).
+        unlabelled_predictions: what a positive prediction on an unlabelled (-1) target does to the instance
+            metrics (accuracy, precision, F1): ``ignore`` (default; Assumption: the image is scored on its labelled
+            attributes only) or ``false_positive`` (it counts as predicted, lowering precision and accuracy: the
+            strong baseline's code). mA never sees unlabelled targets; without them both give the same numbers.
+            See :func:`pedlightning.metrics.attribute_metrics`.
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`; defaults
             follow the baseline (Adam, weight decay 5e-4; Assumption: cosine decay instead of its plateau decay).
+        optimization: the other options of :class:`TaskModule` by name (``warmup_start_factor``,
+            ``lr_milestones_epochs``, ``lr_gamma``, ``lr_multipliers``, ``bias_lr_factor``, ``no_decay_names``,
+            ``decay_1d_params``). The strong baseline's code decays every parameter (its ``BN_WD: true``):
+            ``no_decay_names: []`` with ``decay_1d_params: true`` (``configs/attributes/pa100k_r50.yaml`` sets
+            them). Defaults: no decay on biases and norms.
+
+    ``test_time_options``: ``unlabelled_predictions``, which a test from a checkpoint may change.
     """
 
     #: the metric shown on the progress bar.
     main_metric: ClassVar[str] = "mA"
+    test_time_options: ClassVar[tuple[str, ...]] = ("unlabelled_predictions",)
 
     def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(name="resnet50", drop_path_rate=0.0,
                                                                         last_stride=2),
                  num_attributes: int | None = None,
                  attribute_names: list[str] | None = None, positive_ratio: list[float] | None = None,
                  weighted_loss: bool = True, threshold: float = 0.5,
+                 unlabelled_predictions: UnlabelledPredictions = "ignore",
                  optimizer: OptimizerCallable = torch.optim.Adam, weight_decay: float = 5e-4,
-                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01):
-        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01,
+                 **optimization: Any):
+        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio, **optimization)
         self.save_hyperparameters(ignore=["optimizer"])
         self.encoder = self.build_image_encoder(encoder)
         self.head: AttributeHead | None = None
         if num_attributes is not None:
             self._build_head(num_attributes)
-        self.val_metric = AttributeMetric(threshold=threshold)
-        self.test_metric = AttributeMetric(threshold=threshold)
+        if unlabelled_predictions not in ("ignore", "false_positive"):
+            raise ConfigError(f"AttributeModule: model.init_args.unlabelled_predictions must be 'ignore' or "
+                              f"'false_positive', got {unlabelled_predictions!r}")
+        self.val_metric = AttributeMetric(threshold, unlabelled_predictions)
+        self.test_metric = AttributeMetric(threshold, unlabelled_predictions)
 
     def _build_head(self, num_attributes: int) -> None:
         hp = self.hparams
@@ -127,8 +151,14 @@ class AttributeModule(TaskModule):
         main = f"{prefix}/{self.main_metric}"
         self.log(main, scalars[main], prog_bar=True, sync_dist=False)
         self.log_dict({k: v for k, v in scalars.items() if k != main}, sync_dist=False)
+        unlabelled = results["num_unlabelled"]
+        note = ""
+        if unlabelled:
+            self.log(f"{prefix}/num_unlabelled", float(unlabelled), sync_dist=False)
+            note = (f"; {unlabelled} unlabelled (-1) targets left out, positive predictions on them: "
+                    f"{self.hparams.unlabelled_predictions}")
         rank_zero_info(f"attributes {prefix}: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in scalars.items())
-                       + " (chance: mA 0.5 for any constant prediction)")
+                       + " (chance: mA 0.5 for any constant prediction" + note + ")")
         self.write_attribute_csv(results["per_attribute"], prefix)
         return results
 

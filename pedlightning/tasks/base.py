@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from pedlightning.data.spec import DataSpec, SpecifiedData
 from pedlightning.errors import ConfigError
-from pedlightning.models.encoders import ImageEncoder, ImageEncoderConfig
+from pedlightning.models.encoders import ImageEncoder, ImageEncoderConfig, warn_if_untrained
 from pedlightning.optim import (
     DEFAULT_NO_DECAY_NAMES,
     Schedule,
@@ -71,10 +71,20 @@ class TaskModule(L.LightningModule):
     ``test_time_options`` names the constructor arguments that only change evaluation (features, metric); the
     CLI lets those be overridden when validating / testing / predicting from a checkpoint, every other model
     argument comes from the checkpoint.
+
+    When training starts (``on_train_start``, fit only), every encoder the task's recipe starts from pre-trained
+    weights (:meth:`recipe_pretrained_encoders`) that has none, is not a tiny preset and trains on real data gets a
+    loud warning (:func:`~pedlightning.models.encoders.warn_if_untrained`): a ViT-B or ResNet-50 trained from
+    scratch on a reID-sized dataset lands far below the published numbers. Pre-training tasks name the encoders
+    they train from scratch by design in ``from_scratch_encoders``.
     """
 
     #: evaluation-only constructor arguments, which a checkpoint run may override (see the class docstring).
     test_time_options: ClassVar[tuple[str, ...]] = ()
+    #: hyper-parameters holding an encoder config (image or text), checked for pre-trained weights at fit.
+    encoder_keys: ClassVar[tuple[str, ...]] = ("encoder", "image_encoder", "text_encoder")
+    #: the ``encoder_keys`` this task's recipe trains from random weights on purpose (no warning for them).
+    from_scratch_encoders: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, weight_decay: float = 0.05,
                  lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01, *,
@@ -139,6 +149,41 @@ class TaskModule(L.LightningModule):
     def check_image_size(self, spec: DataSpec, config: ImageEncoderConfig | dict) -> None:
         """The encoder's input size must be the size the data yields."""
         spec.check_equal("img_size", encoder_config(config).img_size, type(self).__name__)
+
+    # ----------------------------------------------------------------- training from scratch by mistake
+    @property
+    def data_is_synthetic(self) -> bool:
+        """Whether the attached datamodule writes built-in synthetic data (its ``synthesize`` option).
+
+        Assumption: ``synthesize: true`` means synthetic data (it only writes when ``root`` is empty, so a root
+        that already holds the real dataset reads as synthetic too: no warning, never a false one).
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return bool(getattr(datamodule, "hparams", {}).get("synthesize", False))
+
+    def recipe_pretrained_encoders(self) -> list[tuple[str, Any]]:
+        """``(role, config)`` of every encoder this task's recipe starts from pre-trained weights: each
+        ``encoder_keys`` hyper-parameter this task has, less ``from_scratch_encoders``. A subclass whose weights
+        come from elsewhere (e.g. another run's model, copied in ``setup``) overrides it."""
+        hp = self.hparams
+        return [(key, hp[key]) for key in self.encoder_keys
+                if key not in self.from_scratch_encoders and hp.get(key) is not None]
+
+    def warn_untrained_encoders(self) -> list[str]:
+        """Warn (rank zero, once per model, data and role) for each recipe encoder that real data would train from
+        random weights; returns the roles warned about now. Silent without a pedlightning datamodule (nothing
+        says which data it is)."""
+        spec = self.data_spec
+        if spec is None:
+            return []
+        synthetic = self.data_is_synthetic
+        return [role for role, config in self.recipe_pretrained_encoders()
+                if warn_if_untrained(config, spec.source, synthetic=synthetic, role=role)]
+
+    def on_train_start(self) -> None:
+        """The from-scratch warning, once the data is set up; this hook because the tasks' own ``setup`` and
+        ``on_fit_start`` do not call the base's."""
+        self.warn_untrained_encoders()
 
     # ----------------------------------------------------------------- schedules in optimizer steps
     @property

@@ -18,6 +18,7 @@ from pedlightning.losses.distillation import (
     feature_distillation,
     relation_distillation,
 )
+from pedlightning.metrics import TieRule
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.fusion import SupportFusion, support_mask
 from pedlightning.models.text import TextEncoderConfig
@@ -60,7 +61,7 @@ class LCR2SModule(TextReIDModule):
 
     Args:
         image_encoder, text_encoder, num_classes, sdm_weight, id_weight, itc_weight, logit_scale, report_chance,
-            optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: as :class:`TextReIDModule`
+            ties, optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: as :class:`TextReIDModule`
             (Assumption: its IRRA defaults; the paper's own towers were ResNet-50 and BERT / TextCNN).
         stage: ``teacher`` or ``student``.
         teacher_ckpt: the teacher's checkpoint (a ``stage: teacher`` run); needed to fit a student, not to test it.
@@ -80,6 +81,9 @@ class LCR2SModule(TextReIDModule):
             "lightweight" student is not said to be initialised otherwise).
         support_seed: seed of the support-set draws (combined with epoch, batch index and rank, so a resumed run
             draws the same support sets).
+        optimization: the other options of :class:`TaskModule` by name (``warmup_start_factor``,
+            ``lr_milestones_epochs``, ``lr_gamma``, ``lr_multipliers``, ``bias_lr_factor``, ``no_decay_names``,
+            ``decay_1d_params``).
     """
 
     def __init__(self, image_encoder: ImageEncoderConfig = ImageEncoderConfig(
@@ -91,11 +95,13 @@ class LCR2SModule(TextReIDModule):
                  feature_distance: FeatureDistance = "mse", relation_normalize: bool = True,
                  init_from_teacher: bool = True, support_seed: int = 0, num_classes: int | None = None,
                  sdm_weight: float = 1.0, id_weight: float = 1.0, itc_weight: float = 0.0, logit_scale: float = 50.0,
-                 report_chance: bool = True, optimizer: OptimizerCallable = torch.optim.Adam,
-                 weight_decay: float = 4e-5, lr_schedule: Schedule = "cosine", warmup_epochs: float = 5.0,
-                 min_lr_ratio: float = 0.0):
+                 report_chance: bool = True, ties: TieRule = "pessimistic",
+                 optimizer: OptimizerCallable = torch.optim.Adam, weight_decay: float = 4e-5,
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 5.0, min_lr_ratio: float = 0.0,
+                 **optimization: Any):
         super().__init__(image_encoder, text_encoder, num_classes, sdm_weight, id_weight, itc_weight, logit_scale,
-                         report_chance, optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
+                         report_chance, ties, optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio,
+                         **optimization)
         if stage not in ("teacher", "student"):
             raise ConfigError(f"LCR2SModule: stage must be 'teacher' or 'student', got {stage!r}")
         if support_size is not None and support_size < 0:
@@ -141,15 +147,18 @@ class LCR2SModule(TextReIDModule):
         return self.image_fusion(image_feats, image_mask), self.text_fusion(text_feats, text_mask)
 
     def fuse_split(self, feats: Tensor, pids: Tensor, modality: Literal["image", "text"],
-                   support_size: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Teacher features of a whole evaluation split with support sets from its ground-truth identities.
+                   support_size: int | None = None, generator: torch.Generator | None = None,
+                   distinct: Tensor | None = None) -> Tensor:
+        """Teacher features of a whole split with support sets from its ground-truth identities
+        (:func:`support_mask`; ``distinct``: e.g. each caption's image index, so that, as in training, a caption's
+        support holds captions of the identity's other images, not the second caption of its own image).
 
         An oracle (test labels choose the support sets), reported only as the teacher's upper reference.
         """
         fusion = self.image_fusion if modality == "image" else self.text_fusion
         if fusion is None:
             raise ConfigError("LCR2SModule.fuse_split needs a stage='teacher' model")
-        return fusion(feats, support_mask(pids, support_size, generator))
+        return fusion(feats, support_mask(pids, support_size, generator, distinct))
 
     def _alone(self, fusion: SupportFusion | None, feats: Tensor) -> Tensor:
         if fusion is None:
@@ -169,6 +178,12 @@ class LCR2SModule(TextReIDModule):
             teacher = self.teacher  # loaded (and checked) now, not at the first training step
             if self.hparams.init_from_teacher:
                 self._init_from(teacher)
+
+    def recipe_pretrained_encoders(self) -> list[tuple[str, Any]]:
+        """A student initialised from the teacher has trained weights whatever its ``pretrained`` says."""
+        if not self.is_teacher and self.hparams.init_from_teacher:
+            return []
+        return super().recipe_pretrained_encoders()
 
     @property
     def teacher(self) -> LCR2SModule:

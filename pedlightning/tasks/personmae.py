@@ -131,9 +131,18 @@ class PersonMAEModule(TaskModule):
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`
             (MAE: AdamW, lr 1.5e-4 * batch / 256, betas (0.9, 0.95), weight decay 0.05, 40 warm-up epochs,
             cosine decay to 0, hence ``min_lr_ratio=0``).
+        optimization: the other options of :class:`TaskModule` by name (``warmup_start_factor``,
+            ``lr_milestones_epochs``, ``lr_gamma``, ``lr_multipliers``, ``bias_lr_factor``, ``no_decay_names``,
+            ``decay_1d_params``). Defaults: warm-up from 0 and no decay on biases and norms (MAE), nor on the
+            position embeddings and the class and mask (decoder query) tokens (Assumption: MAE's pre-training code
+            decays its tokens, as ``no_decay_names: []`` does).
 
     ``w_feat`` and the momentum are functions of ``global_step``, so a resumed run continues both exactly.
+    The encoder is pre-trained from random weights by design (``from_scratch_encoders``: no warning when
+    ``pretrained`` is unset).
     """
+
+    from_scratch_encoders = ("encoder",)
 
     def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(drop_path_rate=0.0),
                  mask_type: MaskType = "block", mask_ratio: float = 0.75, min_block_patches: int = 16,
@@ -147,8 +156,9 @@ class PersonMAEModule(TaskModule):
                  encoder_pos_embed: Literal["sincos", "learned"] = "sincos", teacher_momentum: float = 0.999,
                  teacher_momentum_final: float = 0.9999, teacher_momentum_schedule: MomentumSchedule = "cosine",
                  optimizer: OptimizerCallable = torch.optim.AdamW, weight_decay: float = 0.05,
-                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0):
-        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
+                 **optimization: Any):
+        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio, **optimization)
         self.save_hyperparameters(ignore=["optimizer"])
         if loss_type not in ("pixel_feature", "pixel", "feature"):
             raise ConfigError(f"loss_type must be 'pixel_feature', 'pixel' or 'feature', got {loss_type!r}")
@@ -217,8 +227,9 @@ class PersonMAEModule(TaskModule):
             self.check_image_size(spec, self.hparams.encoder)
 
     def optimized_modules(self) -> nn.Module:
-        """Student encoder and decoders; the teacher only follows the student by EMA."""
-        return nn.ModuleList([self.encoder, self.decoders])
+        """Student encoder and decoders, under their own names (``lr_multipliers: {decoders: 2.0}`` matches); the
+        teacher only follows the student by EMA."""
+        return nn.ModuleDict({"encoder": self.encoder, "decoders": self.decoders})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The student's image embedding (what transfers to reID)."""

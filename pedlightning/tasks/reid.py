@@ -12,7 +12,7 @@ from torch import Tensor
 
 from pedlightning.errors import ConfigError
 from pedlightning.losses import CenterLoss, TripletLoss
-from pedlightning.metrics import ReIDMetric, reid_evaluate
+from pedlightning.metrics import ReIDMetric, TieRule, reid_evaluate
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.heads import BNNeck
 from pedlightning.models.mgn import MGN, mgn_losses
@@ -55,6 +55,13 @@ class ReIDModule(RetrievalTask):
         neck_feat: evaluate on the feature ``before`` or ``after`` the BNNeck.
         flip_test: average the features of the image and its horizontal flip.
         metric, rerank, k1, k2, lambda_value: evaluation options (see :func:`reid_evaluate`).
+        ties: how a positive and a negative at exactly the same distance are ranked (see
+            :mod:`pedlightning.metrics.ranking`): ``pessimistic`` (default: the positive after the negatives, the
+            lowest score any order gives, independent of gallery order), ``gallery_order`` (tied items keep their
+            gallery order, a stable sort: what fast-reid's, torchreid's and IRRA's evaluation give where their
+            sort keeps ties in order) or ``optimistic`` (the positive first). Continuous float32 features
+            rarely tie (the rules then agree to ~1e-7); quantised, binarised or bf16 features tie often.
+            The rule used is printed with the results.
         report_chance: also evaluate random features, logged as ``test/chance_*`` so results can be read
             against chance.
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`.
@@ -62,12 +69,12 @@ class ReIDModule(RetrievalTask):
             ``lr_milestones_epochs``, ``lr_gamma``, ``lr_multipliers``, ``bias_lr_factor``, ``no_decay_names``,
             ``decay_1d_params``).
 
-    ``test_time_options``: ``neck_feat``, ``flip_test``, the metric options and ``report_chance``, which a test
-    from a checkpoint may change.
+    ``test_time_options``: ``neck_feat``, ``flip_test``, the metric options (``ties`` included) and
+    ``report_chance``, which a test from a checkpoint may change.
     """
 
     test_time_options: ClassVar[tuple[str, ...]] = ("neck_feat", "flip_test", "metric", "rerank", "k1", "k2",
-                                                    "lambda_value", "report_chance")
+                                                    "lambda_value", "ties", "report_chance")
     eval_title = "reID"
 
     def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(), num_classes: int | None = None,
@@ -77,10 +84,10 @@ class ReIDModule(RetrievalTask):
                  label_smoothing: float = 0.1, center_loss_weight: float = 0.0, center_lr: float | None = 0.5,
                  neck_feat: Literal["before", "after"] = "before",
                  flip_test: bool = False, metric: Literal["cosine", "euclidean"] = "cosine", rerank: bool = False,
-                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3, report_chance: bool = True,
-                 optimizer: OptimizerCallable = torch.optim.AdamW, weight_decay: float = 1e-4,
-                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01,
-                 **optimization: Any):
+                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3, ties: TieRule = "pessimistic",
+                 report_chance: bool = True, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 weight_decay: float = 1e-4, lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0,
+                 min_lr_ratio: float = 0.01, **optimization: Any):
         super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio, **optimization)
         self.save_hyperparameters(ignore=["optimizer"])
         if center_loss_weight < 0:
@@ -110,7 +117,8 @@ class ReIDModule(RetrievalTask):
 
     def build_metric(self) -> ReIDMetric:
         hp = self.hparams
-        return ReIDMetric(metric=hp.metric, rerank=hp.rerank, k1=hp.k1, k2=hp.k2, lambda_value=hp.lambda_value)
+        return ReIDMetric(metric=hp.metric, rerank=hp.rerank, k1=hp.k1, k2=hp.k2, lambda_value=hp.lambda_value,
+                          ties=hp.ties)
 
     def setup(self, stage: str) -> None:
         if self.data_spec is not None:
@@ -142,7 +150,7 @@ class ReIDModule(RetrievalTask):
     def evaluate_features(self, query_feats: Tensor, gallery_feats: Tensor, query: dict[str, Tensor],
                           gallery: dict[str, Tensor]) -> dict[str, float]:
         return reid_evaluate(query_feats, gallery_feats, query["pids"], gallery["pids"], query["camids"],
-                             gallery["camids"])
+                             gallery["camids"], ties=self.hparams.ties)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp, pids = self.hparams, batch["pid"]

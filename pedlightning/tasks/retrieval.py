@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from pedlightning.metrics import RankListInputs
+from pedlightning.errors import ConfigError
+from pedlightning.metrics import TIE_RULES, RankListInputs
 from pedlightning.metrics.ranking import SampleMetric
 from pedlightning.tasks.base import TaskModule
 
@@ -22,7 +23,8 @@ class RetrievalTask(TaskModule):
     drops DDP padding duplicates. Each evaluation logs its metrics once (``val/*`` or ``test/*``, the
     :attr:`main_metric` on the progress bar); a test also logs ``test/chance_*``, the same evaluation on random
     features (seeded) with the same labels, and keeps the query/gallery features for
-    :class:`pedlightning.callbacks.RankListCallback`.
+    :class:`pedlightning.callbacks.RankListCallback`. How the gallery was ranked (the metric's ``description``:
+    distance, tie rule, re-ranking) is printed under the results of every test and of the first validation.
 
     Subclasses implement :meth:`build_metric`, :meth:`query_features`, :meth:`gallery_features` and
     :meth:`evaluate_features`, may extend :meth:`update_metric` (extra labels such as camera ids), and call
@@ -38,10 +40,15 @@ class RetrievalTask(TaskModule):
 
     def init_evaluation(self, report_chance: bool = True) -> None:
         """Build the validation and test metrics; a subclass calls it once its hyper-parameters are saved."""
+        ties = self.hparams.get("ties", "pessimistic")
+        if ties not in TIE_RULES:
+            raise ConfigError(f"{type(self).__name__}: model.init_args.ties must be one of "
+                              f"{', '.join(map(repr, TIE_RULES))}, got {ties!r}")
         self.report_chance = report_chance
         self.val_metric = self.build_metric()
         self.test_metric = self.build_metric()
         self._ranklist: RankListInputs | None = None
+        self._described: set[str] = set()
 
     # ----------------------------------------------------------------- what a subclass provides
     def build_metric(self) -> SampleMetric:
@@ -101,6 +108,11 @@ class RetrievalTask(TaskModule):
         self.log_dict(scalars, sync_dist=False)
         rank_zero_info(f"{self.eval_title} {prefix}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items())
                        + self.describe_evaluation(prefix))
+        description = getattr(self.test_metric if prefix == "test" else self.val_metric, "description", None)
+        if description and (prefix == "test" or prefix not in self._described):
+            # its own line: scripts parse the results line as `k=v, k=v`
+            rank_zero_info(f"{self.eval_title} {prefix} ranking: {description}")
+            self._described.add(prefix)
 
     def on_validation_epoch_start(self) -> None:
         self._val_parts: set[bool] = set()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from pedlightning.errors import ConfigError
 from pedlightning.losses import clip_contrastive, sdm_loss
-from pedlightning.metrics import RetrievalMetric, retrieval_evaluate
+from pedlightning.metrics import RetrievalMetric, TieRule, retrieval_evaluate
 from pedlightning.models.encoders import ImageEncoderConfig
 from pedlightning.models.text import TextEncoder, TextEncoderConfig
 from pedlightning.optim import Schedule
@@ -55,6 +55,12 @@ class TextReIDModule(RetrievalTask):
             IRRA's best configuration; MLM not implemented).
         logit_scale: fixed multiplier of the cosine similarities in SDM and ITC (IRRA: 1 / 0.02 = 50).
         report_chance: also evaluate random features on the test split, logged as ``test/chance_*``.
+        ties: how an image of the caption's identity and another at exactly the same similarity are ranked (see
+            :mod:`pedlightning.metrics.ranking`): ``pessimistic`` (default: the match after the others, the lowest
+            score any order gives, independent of gallery order), ``gallery_order`` (tied images keep their
+            gallery order, a stable sort: what IRRA's evaluation gives where its ``torch.argsort`` keeps ties in
+            order) or ``optimistic`` (the match first). Continuous float32 features rarely tie; quantised or
+            bf16 features tie often. The rule used is printed with the results.
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`; the
             defaults follow IRRA (Adam, weight decay 4e-5, 5 warm-up epochs, cosine to 0).
         optimization: the other options of :class:`TaskModule` by name. IRRA's parameter groups (its
@@ -64,10 +70,10 @@ class TextReIDModule(RetrievalTask):
             embeddings decayed) and ``warmup_start_factor: 0.1``; ``configs/text_reid/*_clip.yaml`` set them.
             Defaults: one lr for every parameter, no decay on biases and norms.
 
-    ``test_time_options``: ``report_chance`` (the chance baseline of a test run).
+    ``test_time_options``: ``ties`` and ``report_chance`` (the chance baseline of a test run).
     """
 
-    test_time_options: ClassVar[tuple[str, ...]] = ("report_chance",)
+    test_time_options: ClassVar[tuple[str, ...]] = ("ties", "report_chance")
     part_names = ("text", "image")
     query_is_text = True
     eval_title = "text-to-image"
@@ -76,9 +82,10 @@ class TextReIDModule(RetrievalTask):
                      name="open_clip:ViT-B-16", img_size=(384, 128), drop_path_rate=0.0),
                  text_encoder: TextEncoderConfig = TextEncoderConfig(), num_classes: int | None = None,
                  sdm_weight: float = 1.0, id_weight: float = 1.0, itc_weight: float = 0.0, logit_scale: float = 50.0,
-                 report_chance: bool = True, optimizer: OptimizerCallable = torch.optim.Adam,
-                 weight_decay: float = 4e-5, lr_schedule: Schedule = "cosine", warmup_epochs: float = 5.0,
-                 min_lr_ratio: float = 0.0, **optimization: Any):
+                 report_chance: bool = True, ties: TieRule = "pessimistic",
+                 optimizer: OptimizerCallable = torch.optim.Adam, weight_decay: float = 4e-5,
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 5.0, min_lr_ratio: float = 0.0,
+                 **optimization: Any):
         super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio, **optimization)
         self.save_hyperparameters(ignore=["optimizer"])
         if min(sdm_weight, id_weight, itc_weight) < 0 or sdm_weight + id_weight + itc_weight == 0:
@@ -99,7 +106,7 @@ class TextReIDModule(RetrievalTask):
         self.init_evaluation(report_chance)
 
     def build_metric(self) -> RetrievalMetric:
-        return RetrievalMetric()
+        return RetrievalMetric(ties=self.hparams.ties)
 
     def _build_classifier(self, num_classes: int) -> None:
         """IRRA's shared ID classifier: weights N(0, 0.001^2), bias 0."""
@@ -179,7 +186,7 @@ class TextReIDModule(RetrievalTask):
 
     def evaluate_features(self, query_feats: Tensor, gallery_feats: Tensor, query: dict[str, Tensor],
                           gallery: dict[str, Tensor]) -> dict[str, float]:
-        return retrieval_evaluate(query_feats, gallery_feats, query["pids"], gallery["pids"])
+        return retrieval_evaluate(query_feats, gallery_feats, query["pids"], gallery["pids"], ties=self.hparams.ties)
 
     def describe_evaluation(self, prefix: str) -> str:
         if prefix != "val":

@@ -100,7 +100,18 @@ class VALPATModule(TaskModule):
         weighted_attr_loss: weight the BCE by the positive ratio (Jia et al.); off = plain BCE.
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`.
             Assumption: AdamW by default; ``configs/valpat/pretrain_luperson_ta_r50.yaml`` uses MoCo v2's SGD.
+        optimization: the other options of :class:`TaskModule` by name (``warmup_start_factor``,
+            ``lr_milestones_epochs``, ``lr_gamma``, ``lr_multipliers``, ``bias_lr_factor``, ``no_decay_names``,
+            ``decay_1d_params``). MoCo v2 and v3 decay every parameter (one optimizer over
+            ``model.parameters()``): ``no_decay_names: []`` with ``decay_1d_params: true``, as
+            ``configs/valpat/pretrain_luperson_ta_*.yaml`` set them. Defaults: no decay on biases and norms.
+
+    Both encoders start from random weights by design (``from_scratch_encoders``: no warning for a pre-training
+    without ``pretrained``). Assumption: the image encoder as LUP's MoCo v2 on LUPerson; the paper does not say
+    whether the text tower starts from CLIP (``text_encoder.pretrained`` loads it).
     """
+
+    from_scratch_encoders = ("encoder", "text_encoder")
 
     def __init__(self, encoder: ImageEncoderConfig = ImageEncoderConfig(name="resnet50", drop_path_rate=0.0,
                                                                         last_stride=2),
@@ -114,8 +125,9 @@ class VALPATModule(TaskModule):
                  num_attributes: int | None = None, positive_ratio: list[float] | None = None,
                  weighted_attr_loss: bool = True,
                  optimizer: OptimizerCallable = torch.optim.AdamW, weight_decay: float = 1e-4,
-                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0):
-        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio)
+                 lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0,
+                 **optimization: Any):
+        super().__init__(optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio, **optimization)
         self.save_hyperparameters(ignore=["optimizer"])
         weights = {"ssl": ssl_weight, "itc": itc_weight, "attr": attr_weight}
         if min(weights.values()) < 0 or max(weights.values()) == 0:

@@ -12,6 +12,7 @@ from pedlightning.data.datamodules.common import (
     SourceDataModule,
     as_size,
     eval_loader,
+    finishes_on_device,
     require_own_sampling,
     shuffled_loader,
 )
@@ -55,6 +56,10 @@ class AttributeDataModule(SourceDataModule):
             placeholder (see :mod:`pedlightning.data.datasets`).
         verify_images: decode every image of the splits a stage reads at ``setup`` (with progress), and fail
             naming every bad file, or drop them under ``skip``. Off by default: it reads the whole dataset once.
+        finish_on_device: leave training batches in uint8 for the device to convert, normalise and erase after the
+            transfer (``on_after_batch_transfer``): a quarter of the bytes to hand over, no float work in loader
+            workers; the erasing noise then comes from the device's generator. ``None``: when the trainer runs on
+            a GPU. ``False``: the loader yields finished float batches.
     """
 
     build_source = staticmethod(build_attribute_source)
@@ -64,7 +69,8 @@ class AttributeDataModule(SourceDataModule):
                  synthetic: dict | None = None, img_size: Sequence[int] = (256, 128), batch_size: int = 64,
                  test_batch_size: int = 128, num_workers: int = 4, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, flip_prob: float = 0.5, padding: int = 10,
-                 erasing_prob: float = 0.0, seed: int = 0, on_error: OnError = "skip", verify_images: bool = False):
+                 erasing_prob: float = 0.0, seed: int = 0, on_error: OnError = "skip", verify_images: bool = False,
+                 finish_on_device: bool | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
@@ -117,7 +123,8 @@ class AttributeDataModule(SourceDataModule):
         hp = self.hparams
         require_own_sampling(self.trainer)
         transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std,
-                                          defer=True)
+                                          defer=True, finish_on_device=finishes_on_device(hp.finish_on_device,
+                                                                                          self.trainer))
         return shuffled_loader(self.dataset("train", transform, "substitute"), hp.batch_size, hp.num_workers,
                                self.trainer, hp.seed, [self.faults("train")], f"{hp.dataset} train")
 

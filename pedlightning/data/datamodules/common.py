@@ -18,7 +18,7 @@ from pedlightning.data.loading import ReportingLoader, pin_memory
 from pedlightning.data.progress import announce
 from pedlightning.data.resumable import ResumableBatches
 from pedlightning.data.spec import DataSpec
-from pedlightning.data.transforms.batched import collate_deferred
+from pedlightning.data.transforms.batched import collate_deferred, finish_batch
 from pedlightning.errors import ConfigError, DatasetLayoutError
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,19 @@ def batch_loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int, tra
                            name=name, collate_fn=collate_deferred)
 
 
+def finishes_on_device(setting: bool | None, trainer: L.Trainer | None) -> bool:
+    """A datamodule's ``finish_on_device``: ``None`` means when the attached trainer runs on an accelerator.
+
+    On, training batches leave the loader in uint8 and the datamodule's ``on_after_batch_transfer`` converts,
+    normalises and erases them on the device (:func:`~pedlightning.data.transforms.batched.finish_batch`): a quarter
+    of the bytes through shared memory, pinning and the transfer, and no float work in loader workers.
+    """
+    if setting is not None:
+        return bool(setting)
+    device = getattr(getattr(trainer, "strategy", None), "root_device", None)  # None: no trainer (or a stand-in)
+    return device is not None and device.type != "cpu"
+
+
 def as_size(value: Sequence[int]) -> tuple[int, int]:
     size = tuple(int(v) for v in value)
     if len(size) != 2 or min(size) <= 0:
@@ -171,6 +184,10 @@ class SourceDataModule(L.LightningDataModule):
 
     def source_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches left in uint8 (``finish_on_device``) are finished where they now are."""
+        return finish_batch(batch)
 
     def used_splits(self, stage: str | None) -> tuple[str, ...]:
         """The splits (source attributes) that ``stage``'s loaders read; ``None``: every stage's."""

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pedlightning.data.datamodules.common import (
     as_size,
+    finishes_on_device,
     make_spec,
     synthesize_if_missing,
     world,
@@ -39,7 +40,7 @@ from pedlightning.data.sources.luperson import (
 )
 from pedlightning.data.spec import DataSpec
 from pedlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pedlightning.data.transforms.batched import collate_deferred
+from pedlightning.data.transforms.batched import collate_deferred, finish_batch
 from pedlightning.data.transforms.regions import RegionPairTransform
 from pedlightning.data.transforms.samples import SampleTransform, as_sample_transform
 from pedlightning.errors import ConfigError, DatasetLayoutError
@@ -170,9 +171,15 @@ class PersonImagesDataModule(L.LightningDataModule):
         """Unreadable samples skipped so far by this process (all its loader workers)."""
         return self.errors.count if self.errors is not None else 0
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches left in uint8 (``finish_on_device``) are finished where they now are."""
+        return finish_batch(batch)
+
     def train_dataloader(self) -> DataLoader | EpochLoader:
         self.setup("fit")
         hp = self.hparams
+        if hasattr(self.transform, "finish_on_device"):  # a batched transform (the default RegionA / RegionB pairs)
+            self.transform.finish_on_device = finishes_on_device(hp.get("finish_on_device", False), self.trainer)
         common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=pin_memory(self.trainer),
                       persistent_workers=hp.num_workers > 0, name=f"{self.name} at {hp.root}")
         if isinstance(self.dataset, ShardStream):  # EpochLoader reports the epoch's skipped samples itself
@@ -215,6 +222,10 @@ class LUPersonDataModule(PersonImagesDataModule):
         transform: the per-sample transform (a :class:`~pedlightning.data.transforms.samples.SampleTransform`,
             e.g. :class:`~pedlightning.data.transforms.moco.TwoViewCaptionTransform`); ``None`` = the RegionA /
             RegionB pairs of the region arguments. It should yield ``img_size`` images (what ``data_spec`` states).
+        finish_on_device: leave the regions in uint8 for the device to convert and normalise after the transfer
+            (``on_after_batch_transfer``): a quarter of the bytes to hand over, no float work in loader workers
+            (a ``transform`` of its own takes part if it has a ``finish_on_device`` attribute). ``None``: when the
+            trainer runs on a GPU. ``False``: the loader yields finished float batches.
     """
 
     def __init__(self, root: str = "data/luperson", source: SourceKind = "auto", image_root: str | None = None,
@@ -224,7 +235,7 @@ class LUPersonDataModule(PersonImagesDataModule):
                  std: Sequence[float] = IMAGENET_STD, batch_size: int = 64, num_workers: int = 4,
                  shard_sampling: ShardSampling = "split", samples_per_epoch: int | None = None,
                  shuffle_buffer: int = 2000, seed: int = 0, on_error: OnError = "skip",
-                 transform: SampleTransform | None = None):
+                 transform: SampleTransform | None = None, finish_on_device: bool | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["transform"])  # checkpoints keep plain types only
         self.img_size = as_size(img_size)

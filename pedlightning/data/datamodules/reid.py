@@ -11,6 +11,7 @@ from pedlightning.data.datamodules.common import (
     SourceDataModule,
     as_size,
     batch_loader,
+    finishes_on_device,
     require_own_sampling,
     retrieval_loader,
     world,
@@ -51,6 +52,10 @@ class ReIDDataModule(SourceDataModule):
             grey placeholder (see :mod:`pedlightning.data.datasets`).
         verify_images: decode every image of the splits a stage reads at ``setup`` (with progress), and fail
             naming every bad file, or drop them under ``skip``. Off by default: it reads the whole dataset once.
+        finish_on_device: leave training batches in uint8 for the device to convert, normalise and erase after the
+            transfer (``on_after_batch_transfer``): a quarter of the bytes to hand over, no float work in loader
+            workers; the erasing noise then comes from the device's generator. ``None``: when the trainer runs on
+            a GPU. ``False``: the loader yields finished float batches.
     """
 
     build_source = staticmethod(build_reid_source)
@@ -60,7 +65,7 @@ class ReIDDataModule(SourceDataModule):
                  batch_size: int = 64, num_instances: int = 4, test_batch_size: int = 128, num_workers: int = 4,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip_prob: float = 0.5,
                  padding: int = 10, erasing_prob: float = 0.5, seed: int = 0, on_error: OnError = "skip",
-                 verify_images: bool = False):
+                 verify_images: bool = False, finish_on_device: bool | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
@@ -87,7 +92,8 @@ class ReIDDataModule(SourceDataModule):
         require_own_sampling(self.trainer)
         world_size, rank = world(self.trainer)
         transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std,
-                                          defer=True)
+                                          defer=True, finish_on_device=finishes_on_device(hp.finish_on_device,
+                                                                                          self.trainer))
         pids = [r.pid for r in self.records("train")]
         sampler = IdentityBatchSampler(pids, hp.batch_size, hp.num_instances, hp.seed, num_replicas=world_size,
                                        rank=rank)

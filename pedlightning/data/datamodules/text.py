@@ -17,6 +17,7 @@ from pedlightning.data.datamodules.common import (
     SourceDataModule,
     as_size,
     batch_loader,
+    finishes_on_device,
     require_own_sampling,
     retrieval_loader,
     shuffled_loader,
@@ -77,6 +78,10 @@ class TextReIDDataModule(SourceDataModule):
             shape); a skipped gallery image by a grey placeholder (see :mod:`pedlightning.data.datasets`).
         verify_images: decode every image of the splits a stage reads at ``setup`` (with progress), and fail
             naming every bad file, or drop them under ``skip``. Off by default: it reads the whole dataset once.
+        finish_on_device: leave training batches in uint8 for the device to convert, normalise and erase after the
+            transfer (``on_after_batch_transfer``): a quarter of the bytes to hand over, no float work in loader
+            workers; the erasing noise then comes from the device's generator. ``None``: when the trainer runs on
+            a GPU. ``False``: the loader yields finished float batches.
     """
 
     build_source = staticmethod(build_text_source)
@@ -87,7 +92,8 @@ class TextReIDDataModule(SourceDataModule):
                  img_size: Sequence[int] = (384, 128), batch_size: int = 64, num_instances: int | None = None,
                  test_batch_size: int = 128, num_workers: int = 4, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD, flip_prob: float = 0.5, padding: int = 10,
-                 erasing_prob: float = 0.5, seed: int = 0, on_error: OnError = "skip", verify_images: bool = False):
+                 erasing_prob: float = 0.5, seed: int = 0, on_error: OnError = "skip", verify_images: bool = False,
+                 finish_on_device: bool | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.img_size = as_size(img_size)
@@ -150,7 +156,8 @@ class TextReIDDataModule(SourceDataModule):
         hp = self.hparams
         require_own_sampling(self.trainer)
         transform = build_train_transform(self.img_size, hp.flip_prob, hp.padding, hp.erasing_prob, hp.mean, hp.std,
-                                          defer=True)
+                                          defer=True, finish_on_device=finishes_on_device(hp.finish_on_device,
+                                                                                          self.trainer))
         faults, name = [self.faults("train")], f"{hp.dataset} train"
         dataset = ImageCaptionDataset(self.records("train"), self.get_tokenizer(), transform, faults[0])
         if hp.num_instances is None:

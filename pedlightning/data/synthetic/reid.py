@@ -6,9 +6,11 @@ camera and at least one gallery image in the query's own camera (which evaluatio
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from collections.abc import Callable
+from typing import Any
 
 from pedlightning.data.synthetic._io import Shot, atomic_root, check_size, write_shots
 from pedlightning.data.synthetic.identity import derive_seed, make_identity
@@ -198,31 +200,31 @@ def write_dukemtmc(
     return _write_reid(root, size, shots, _MARKET_FOLDERS)
 
 
-def write_occluded_duke(
-    root: str,
-    *,
-    seed: int = 0,
-    size: tuple[int, int] = (128, 64),
-    num_train_ids: int = 32,
-    num_test_ids: int = 32,
-    num_cameras: int = 8,
-    images_per_id: int = 6,
-    queries_per_id: int = 2,
-    gallery_per_id: int = 6,
-    num_gallery_only_ids: int = 8,
-    train_occluded: float = 0.1,
-    query_occluded: float = 1.0,
-    gallery_occluded: float = 0.1,
-) -> str:
+def _with_defaults(writer: Callable[..., str], name: str, doc: str, **defaults: Any) -> Callable[..., str]:
+    """``writer`` under ``name`` with other ``defaults``: its signature (which ``pedlightning synth`` turns into
+    options) lists the same keyword arguments, each still settable."""
+    signature = inspect.signature(writer)
+    unknown = sorted(set(defaults) - set(signature.parameters))
+    if unknown:
+        raise TypeError(f"{writer.__name__} has no arguments {unknown}")
+
+    def preset(root: str, **kwargs: Any) -> str:
+        return writer(root, **{**defaults, **kwargs})
+
+    params = [p.replace(default=defaults.get(p.name, p.default)) for p in signature.parameters.values()]
+    preset.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    preset.__name__ = preset.__qualname__ = name
+    preset.__doc__, preset.__module__ = doc, writer.__module__
+    return preset
+
+
+write_occluded_duke = _with_defaults(
+    write_dukemtmc, "write_occluded_duke",
     """Occluded-Duke: DukeMTMC-reID's folders and names; every query occluded, the gallery mostly
     holistic (10% occluded) and 10% of the training images occluded.
-    """
-    return write_dukemtmc(
-        root, seed=seed, size=size, num_train_ids=num_train_ids, num_test_ids=num_test_ids, num_cameras=num_cameras,
-        images_per_id=images_per_id, queries_per_id=queries_per_id, gallery_per_id=gallery_per_id,
-        num_gallery_only_ids=num_gallery_only_ids, train_occluded=train_occluded, query_occluded=query_occluded,
-        gallery_occluded=gallery_occluded,
-    )
+    """,
+    train_occluded=0.1, query_occluded=1.0, gallery_occluded=0.1,
+)
 
 
 _MSMT_FOLDERS = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}

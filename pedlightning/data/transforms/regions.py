@@ -19,7 +19,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from pedlightning.data.transforms.batched import Deferred, PlacedImage, finish_images, pil_to_tensor, resize
+from pedlightning.data.transforms.batched import (
+    Deferred,
+    PlacedImage,
+    finish_images,
+    pack_images,
+    pil_to_tensor,
+    resize,
+)
 from pedlightning.data.transforms.reid import IMAGENET_MEAN, IMAGENET_STD
 from pedlightning.data.transforms.samples import ImageTransform
 from pedlightning.errors import ConfigError
@@ -86,6 +93,8 @@ class RegionPairTransform(ImageTransform):
         defer: return the regions as :class:`~pedlightning.data.transforms.batched.Deferred` values, normalised
             once per batch by ``collate_deferred`` (what the LUPerson datamodule's loaders do); the crops and
             resizes still happen per image. Off: each call returns finished tensors.
+        finish_on_device: deferred regions are collated into uint8 batches that
+            :func:`~pedlightning.data.transforms.batched.finish_batch` normalises after the transfer to the GPU.
 
     Takes a PIL image or a CHW uint8 tensor (what the LUPerson readers decode for it, ``reads_tensors``).
     """
@@ -96,7 +105,7 @@ class RegionPairTransform(ImageTransform):
                  ratio: Sequence[float] = (3 / 4, 4 / 3), same_region: bool = False, flip_prob: float = 0.5,
                  interpolation: TF.InterpolationMode = TF.InterpolationMode.BICUBIC,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 rng: random.Random | None = None, defer: bool = False):
+                 rng: random.Random | None = None, defer: bool = False, finish_on_device: bool = False):
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"region scale must satisfy 0 < min <= max <= 1, got {list(scale)}")
         if not (0 < ratio[0] <= ratio[1]):
@@ -109,11 +118,11 @@ class RegionPairTransform(ImageTransform):
         self.interpolation = interpolation
         self.mean, self.std = list(mean), list(std)
         self.rng = rng
-        self.defer = defer
+        self.defer, self.finish_on_device = defer, finish_on_device
 
     def apply(self, image: Image.Image | torch.Tensor) -> dict[str, torch.Tensor | Deferred]:
         """Boxes are in the frame of the flipped image; a flipped region is cut from the mirrored box of the
-        original and then flipped (the same pixels, without flipping the whole image)."""
+        original and flipped (the same pixels, without flipping the whole image; see :func:`resize`)."""
         rng = self.rng or random
         pixels = image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
         height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
@@ -124,14 +133,17 @@ class RegionPairTransform(ImageTransform):
         placed = None
         for name, (top, left, h, w) in (("a", crop_a), ("b", crop_b)):
             if placed is None or crop_b is not crop_a:
-                region = resize(pixels, self.size, (top, width - left - w if flip else left, h, w), self.interpolation)
-                placed = PlacedImage(region.flip(-1) if flip else region)
+                placed = PlacedImage(resize(pixels, self.size, (top, width - left - w if flip else left, h, w),
+                                            self.interpolation, flip, chw=not (self.defer and self.finish_on_device)))
             out[f"region_{name}"] = Deferred(self, placed) if self.defer else self.finish([placed])[0]
             out[f"box_{name}"] = torch.tensor([top / height, left / width, h / height, w / width])
         return out
 
     def finish(self, values: list[PlacedImage]) -> torch.Tensor:
         return finish_images(values, self.mean, self.std)
+
+    def pack(self, values: list[PlacedImage]) -> tuple[torch.Tensor, dict]:
+        return pack_images(values, self.mean, self.std)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.size}, scale={self.scale}, ratio={self.ratio}, "

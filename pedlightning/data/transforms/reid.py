@@ -13,6 +13,7 @@ from pedlightning.data.transforms.batched import (
     Deferred,
     PlacedImage,
     finish_images,
+    pack_images,
     pil_to_tensor,
     random_erase_box,
     resize,
@@ -30,11 +31,12 @@ class ReIDTrainTransform:
     Takes a PIL image or a CHW uint8 tensor (what the datasets decode for it: torchvision's decoders and resize
     kernels, with PIL's pixels at a fraction of its time).
 
-    Batched (:mod:`pedlightning.data.transforms.batched`): ``prepare`` resizes and draws the flip, crop and erasing
+    Batched (:mod:`pedlightning.data.transforms.batched`): ``prepare`` resizes, flips and draws the crop and erasing
     parameters (from Python's ``random``, which PyTorch seeds per loader worker, as for the region crops), and
-    ``finish`` applies them to a whole batch. Calling the transform on one image returns its normalised tensor,
-    or with ``defer`` a :class:`~pedlightning.data.transforms.batched.Deferred` that ``collate_deferred`` finishes
-    with the rest of the batch (what the training loaders of the datamodules do).
+    ``finish`` applies them to a whole batch (``pack``: up to the uint8 batch, for ``finish_on_device``). Calling
+    the transform on one image returns its normalised tensor, or with ``defer`` a
+    :class:`~pedlightning.data.transforms.batched.Deferred` that ``collate_deferred`` finishes with the rest of the
+    batch (what the training loaders of the datamodules do).
 
     Args:
         size: ``[height, width]`` of the output.
@@ -45,6 +47,9 @@ class ReIDTrainTransform:
         defer: return deferred values (for loaders collating with ``collate_deferred``).
         erasing_scale, erasing_ratio: area fraction and aspect (h / w) range of an erased region (the defaults of
             Zhong et al. and of torchvision's ``RandomErasing``).
+        finish_on_device: deferred values are collated into uint8 batches that
+            :func:`~pedlightning.data.transforms.batched.finish_batch` finishes after the transfer to the GPU (the
+            erasing noise then comes from the device's generator).
     """
 
     reads_tensors = True
@@ -53,9 +58,10 @@ class ReIDTrainTransform:
     def __init__(self, size: Sequence[int] = (256, 128), flip_prob: float = 0.5, padding: int = 10,
                  erasing_prob: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, defer: bool = False,
-                 erasing_scale: Sequence[float] = (0.02, 0.33), erasing_ratio: Sequence[float] = (0.3, 3.3)):
+                 erasing_scale: Sequence[float] = (0.02, 0.33), erasing_ratio: Sequence[float] = (0.3, 3.3),
+                 finish_on_device: bool = False):
         self.size = (int(size[0]), int(size[1]))
-        self.defer = defer
+        self.defer, self.finish_on_device = defer, finish_on_device
         self.erasing_scale, self.erasing_ratio = tuple(erasing_scale), tuple(erasing_ratio)
         self.flip_prob, self.padding, self.erasing_prob = float(flip_prob), int(padding), float(erasing_prob)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -63,9 +69,9 @@ class ReIDTrainTransform:
     def prepare(self, image: Image.Image | torch.Tensor) -> PlacedImage:
         """Resize and draw this image's augmentation (flip applied; shift and erasing are applied by ``finish``)."""
         height, width = self.size
-        pixels = resize(image if isinstance(image, torch.Tensor) else pil_to_tensor(image), self.size)
-        if self.flip_prob > 0 and random.random() < self.flip_prob:
-            pixels = pixels.flip(-1)
+        flip = self.flip_prob > 0 and random.random() < self.flip_prob
+        pixels = resize(image if isinstance(image, torch.Tensor) else pil_to_tensor(image), self.size, flip=flip,
+                        chw=not (self.defer and self.finish_on_device))
         shift = (0, 0)
         if self.padding > 0:
             shift = (random.randint(-self.padding, self.padding), random.randint(-self.padding, self.padding))
@@ -76,6 +82,9 @@ class ReIDTrainTransform:
 
     def finish(self, values: list[PlacedImage]) -> torch.Tensor:
         return finish_images(values, self.mean, self.std)
+
+    def pack(self, values: list[PlacedImage]) -> tuple[torch.Tensor, dict]:
+        return pack_images(values, self.mean, self.std)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor | Deferred:
         prepared = self.prepare(image)
@@ -88,9 +97,11 @@ class ReIDTrainTransform:
 
 def build_train_transform(size: Sequence[int] = (256, 128), flip_prob: float = 0.5, padding: int = 10,
                           erasing_prob: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
-                          std: Sequence[float] = IMAGENET_STD, defer: bool = False) -> ReIDTrainTransform:
+                          std: Sequence[float] = IMAGENET_STD, defer: bool = False,
+                          finish_on_device: bool = False) -> ReIDTrainTransform:
     """Training pipeline of Luo et al. "Bag of Tricks" as used by TransReID (:class:`ReIDTrainTransform`)."""
-    return ReIDTrainTransform(size, flip_prob, padding, erasing_prob, mean, std, defer)
+    return ReIDTrainTransform(size, flip_prob, padding, erasing_prob, mean, std, defer,
+                              finish_on_device=finish_on_device)
 
 
 def build_test_transform(size: Sequence[int] = (256, 128), mean: Sequence[float] = IMAGENET_MEAN,
