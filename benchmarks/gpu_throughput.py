@@ -16,7 +16,8 @@ Rows:
 - ``eval msmt17``: ``pedlightning.metrics.reid_evaluate`` of 11,659 queries x 82,161 gallery x 768 random features
   (MSMT17's test split sizes) on the device.
 - ``loader``: the reID step fed by ``ReIDDataModule`` on a synthetic Market-1501 (JPEG files decoded, resized and
-  augmented by ``--workers`` loader processes): time blocked waiting for the next batch against the step time.
+  augmented by ``--workers`` loader processes; uint8 batches finished on the device, ``finish_on_device``): time
+  blocked waiting for the next batch (and finishing it) against the step time.
 
 Training rows run under ``torch.autocast(bfloat16)`` with fp32 weights (Lightning's ``bf16-mixed``). FLOPs are
 counted by ``torch.utils.flop_counter.FlopCounterMode`` on one whole step (forward and backward; a multiply-add
@@ -232,8 +233,10 @@ def loader_check(args: argparse.Namespace, workload: Workload, root: str) -> tup
     size = tuple(workload.task.hparams.encoder["img_size"])
     ids = 16 if args.smoke else 400
     write_market1501(os.path.join(root, "market1501"), num_train_ids=ids, num_test_ids=8, seed=0)
+    # finish_on_device: uint8 batches finished after the transfer, as a GPU trainer gets them by default.
     data = ReIDDataModule("market1501", os.path.join(root, "market1501"), img_size=size,
-                          batch_size=workload.images, num_instances=4, num_workers=args.workers)
+                          batch_size=workload.images, num_instances=4, num_workers=args.workers,
+                          finish_on_device=True)
     data.prepare_data()
     data.setup("fit")
     waits, steps = [], []
@@ -245,6 +248,7 @@ def loader_check(args: argparse.Namespace, workload: Workload, root: str) -> tup
             batches = iter(data.train_dataloader())
             batch = next(batches)
         batch = {k: v.to(workload.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = data.on_after_batch_transfer(batch, 0)
         got = time.perf_counter()
         workload.step(batch)
         sync(workload.device)
