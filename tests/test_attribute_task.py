@@ -124,13 +124,9 @@ def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
     model = AttributeModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     data = _data(pa100k)
     data.setup("test")
-    probs, labels = [], []
-    with torch.no_grad():
-        for batch in data.test_dataloader():
-            probs.append(torch.sigmoid(model(batch["image"])))
-            labels.append(batch["labels"])
-    expected = attribute_metrics(torch.cat(probs), torch.cat(labels))
-    assert len(torch.cat(labels)) == 24
+    probs, labels = _probabilities(model, data.test_dataloader())
+    expected = attribute_metrics(probs, labels)
+    assert len(labels) == 24
     for key in ("mA", "accuracy", "precision", "recall", "f1"):
         assert logged[f"test/{key}"] == pytest.approx(expected[key], abs=1e-6), key
     # The per-attribute table was saved beside the logs of the test run, one row per attribute.
@@ -146,17 +142,22 @@ def test_cli_fit_then_test_of_the_demo_config(tmp_path, pa100k):
                                torch.tensor(data.positive_ratio), atol=1e-6, rtol=0)
 
 
+def _probabilities(model: AttributeModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's attribute probabilities over ``loader`` and the labels, in loader order."""
+    probs, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            probs.append(torch.sigmoid(model(batch["image"])))
+            labels.append(batch["labels"])
+    return torch.cat(probs), torch.cat(labels)
+
+
 def test_validation_puts_mA_on_the_progress_bar_and_writes_the_table(tmp_path, pa100k):
     data, model = _data(pa100k), _model()
     trainer = cpu_trainer(tmp_path, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
     trainer.fit(model, data)
     model.eval()
-    probs, labels = [], []
-    with torch.no_grad():
-        for batch in data.val_dataloader():
-            probs.append(torch.sigmoid(model(batch["image"])))
-            labels.append(batch["labels"])
-    expected = attribute_metrics(torch.cat(probs), torch.cat(labels))
+    expected = attribute_metrics(*_probabilities(model, data.val_dataloader()))
     assert set(trainer.progress_bar_metrics) == {"train/loss", "val/mA"}
     assert trainer.progress_bar_metrics["val/mA"] == pytest.approx(expected["mA"], abs=1e-6)
     # Without a logger the table goes to default_root_dir.
