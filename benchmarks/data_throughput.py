@@ -9,18 +9,19 @@ Synthetic data in the real layouts is written to a temporary folder: Market-1501
 training loader is the one its datamodule returns, measured twice: with ``num_workers=0`` (``in-proc``: the loop
 does exactly the work of one loader worker, on one thread, without handing batches between processes) and with one
 loader worker (``1 worker``: plus the batch in shared memory and its hand-over to the main process). The reID and
-PersonMAE loaders run with the datamodules' default float batches and with ``finish_on_device`` (uint8 batches that
-the datamodule converts, normalises and erases on the GPU after the transfer; that work is not in their rate).
+PersonMAE loaders run with the datamodules' default float batches and with ``finish_on_device`` (the workers only
+decode: batches of the decoded uint8 images that the datamodule crops, resizes, flips, shifts, normalises and erases
+on the GPU after the transfer, with the same pixels; that work is not in their rate).
 The row "per-image PIL (before)" is the reID loader as it was before the batched transforms. Workers are forked
 once and kept (``persistent_workers``), as in training.
 
-Ceilings over the same files (the bytes read from disk, or from memory for shards), one thread:
+Ceilings over the same files (each image file read from disk; shards read member by member with Python's
+``tarfile``, the least a reader of tar files does), one thread:
 
 - ``PIL dec``: PIL decoding only (``Image.open`` + ``convert("RGB")``);
 - ``tv dec``: torchvision decoding only (``decode_image``, libjpeg-turbo: what the loaders use);
-- ``floor``: tv decoding plus the mandatory bicubic resize to the network input, once per view the loader makes
-  (PersonMAE: two random crops, drawn as its loader draws them): what no loader that feeds that input can skip
-  (the resize kernel called as the loaders call it, leaving its channels-last layout);
+- ``floor``: tv decoding plus the bicubic resize to the network input, once per view the loader makes (PersonMAE:
+  two random crops, drawn as its loader draws them): what a loader that resizes in its workers cannot skip;
 - ``f32 floor``: the floor plus what a loader of float batches must add: the resize written as CHW, converted
   and normalised into a fresh float32 batch (new memory for every batch, as a loader hands over).
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import os
@@ -49,7 +51,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -69,11 +71,11 @@ CEILINGS = ("pil_dec", "tv_dec", "floor", "floor_f32")
 
 
 class Files:
-    """The images a loader reads (paths, or the bytes of shard members), decoded by each ceiling; ``crop``:
+    """The files a loader reads (image files, or shards), decoded by each ceiling; ``crop``:
     ``(scale, ratio)`` of the random crops each view is resized from (PersonMAE's regions), drawn as the loader
     draws them (:func:`~pedlightning.data.transforms.regions.sample_crop`)."""
 
-    def __init__(self, items: list[str] | list[bytes], size: tuple[int, int], views: int, batch_size: int,
+    def __init__(self, items: list[str], size: tuple[int, int], views: int, batch_size: int,
                  crop: tuple[tuple[float, float], tuple[float, float]] | None = None):
         self.items, self.size, self.views, self.batch_size, self.crop = items, size, views, batch_size, crop
         self.rng = random.Random(0)
@@ -84,16 +86,25 @@ class Files:
         height, width = pixels.shape[-2:]
         return [sample_crop(height, width, *self.crop, self.rng) for _ in range(self.views)]
 
+    def encoded(self) -> Iterator[bytes]:
+        """The encoded images, endlessly, read as the ceilings read them."""
+        while True:
+            for item in self.items:
+                if item.endswith(".tar"):
+                    with tarfile.open(item) as tar:
+                        for member in tar:
+                            if member.name.endswith(".jpg"):
+                                yield tar.extractfile(member).read()
+                else:
+                    with open(item, "rb") as f:
+                        yield f.read()
+
     def rate(self, ceiling: str, num_images: int) -> float:
         scale = torch.tensor(IMAGENET_STD).view(3, 1, 1).reciprocal() / 255
         offset = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * scale * 255
         batches: list[torch.Tensor] = []
         start = time.perf_counter()
-        for i in range(num_images):
-            data = self.items[i % len(self.items)]
-            if isinstance(data, str):
-                with open(data, "rb") as f:
-                    data = f.read()
+        for i, data in enumerate(itertools.islice(self.encoded(), num_images)):
             if ceiling == "pil_dec":
                 with Image.open(io.BytesIO(data)) as img:
                     img.convert("RGB")
@@ -101,7 +112,7 @@ class Files:
             pixels = decode_rgb(data)
             if ceiling == "floor":
                 for box in self.boxes(pixels):
-                    resize(pixels, self.size, box, chw=False)
+                    resize(pixels, self.size, box)
             elif ceiling == "floor_f32":
                 if i % self.batch_size == 0:  # fresh memory, as every batch a loader hands over
                     batches = [torch.empty(self.batch_size, 3, *self.size) for _ in range(self.views)]
@@ -144,14 +155,6 @@ class Pipeline:
         if mode == "1 worker":
             time.sleep(3 * seconds / batches)
         return seen / seconds
-
-
-def shard_images(root: str) -> list[bytes]:
-    images = []
-    for shard in find_shards(root):
-        with tarfile.open(shard) as tar:
-            images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
-    return images
 
 
 def per_image_baseline(data: ReIDDataModule, workers: int) -> DataLoader:
@@ -198,7 +201,7 @@ def build(tmp: str, n: int, batch_size: int) -> list[Pipeline]:
         key = name.split(" ")[0]
         if key not in files:
             if isinstance(data, LUPersonDataModule):
-                items: list = shard_images(roots["lup"])
+                items = find_shards(roots["lup"])
             else:
                 dataset = loaders["in-proc"].dataset
                 items = [r.path for r in (dataset.images.records if hasattr(dataset, "images") else dataset.records)]
@@ -234,6 +237,7 @@ def measure(pipelines: list[Pipeline], num_images: int, repeats: int) -> list[di
         for c in CEILINGS:
             row[f"ratio_{c}"] = statistics.median(a / b for a, b in zip(r["in-proc"], r[c]))
         row["ratio_worker_floor"] = statistics.median(a / b for a, b in zip(r["1 worker"], r["floor"]))
+        row["ratio_worker_tv_dec"] = statistics.median(a / b for a, b in zip(r["1 worker"], r["tv_dec"]))
         rows.append(row)
     return rows
 
@@ -255,7 +259,7 @@ def reid_gflop_per_image() -> float:
 
 def table(rows: list[dict], gpu_rate: float, gpu_note: str) -> str:
     header = (f"{'training loader':<35} {'input':>9} {'in-proc':>7} {'1 worker':>8} {'PIL dec':>7} {'tv dec':>6} "
-              f"{'floor':>6} {'f32 floor':>9} {'/PIL':>5} {'/tv':>5} {'/floor':>6} {'/f32':>5} {'1w/floor':>8} "
+              f"{'floor':>6} {'f32 floor':>9} {'/PIL':>5} {'/tv':>5} {'/floor':>6} {'/f32':>5} {'1w/tv':>5} {'1w/floor':>8} "
               f"{'workers':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -263,13 +267,14 @@ def table(rows: list[dict], gpu_rate: float, gpu_note: str) -> str:
         lines.append(f"{r['pipeline']:<35} {size:>9} {r['in-proc_img_s']:>7.0f} {r['1 worker_img_s']:>8.0f} "
                      f"{r['pil_dec_img_s']:>7.0f} {r['tv_dec_img_s']:>6.0f} {r['floor_img_s']:>6.0f} "
                      f"{r['floor_f32_img_s']:>9.0f} {r['ratio_pil_dec']:>5.2f} {r['ratio_tv_dec']:>5.2f} "
-                     f"{r['ratio_floor']:>6.2f} {r['ratio_floor_f32']:>5.2f} {r['ratio_worker_floor']:>8.2f} "
+                     f"{r['ratio_floor']:>6.2f} {r['ratio_floor_f32']:>5.2f} {r['ratio_worker_tv_dec']:>5.2f} "
+                     f"{r['ratio_worker_floor']:>8.2f} "
                      f"{math.ceil(gpu_rate / r['1 worker_img_s']):>7d}")
     lines += ["images/s per process (one thread), medians over the rounds. Ceilings over the same files: PIL dec / "
               "tv dec = decoding only with PIL / torchvision; floor = tv decoding + the bicubic resize to the input "
               "per view; f32 floor = floor + a normalised float32 batch. /PIL, /tv, /floor, /f32 = in-process "
-              "loader / ceiling, 1w/floor = 1-worker loader / floor (medians of the per-round ratios). \"finish on "
-              "device\" rows leave the float work to the GPU.",
+              "loader / ceiling, 1w/tv, 1w/floor = 1-worker loader / tv dec, floor (medians of the per-round ratios). \"finish on "
+              "device\" rows only decode: the GPU resizes and finishes.",
               f"workers = loader processes for {gpu_rate:.0f} images/s ({gpu_note}), at the 1-worker rate; "
               "Assumption: linear scaling, one core per worker plus one for training, until the cores run out."]
     return "\n".join(lines)

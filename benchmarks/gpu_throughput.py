@@ -15,8 +15,8 @@ Rows:
   text tower, MoCo queue, shuffled BN), every term on (all samples captioned and annotated), key-encoder EMA.
 - ``eval msmt17``: ``pedlightning.metrics.reid_evaluate`` of 11,659 queries x 82,161 gallery x 768 random features
   (MSMT17's test split sizes) on the device.
-- ``loader``: the reID step fed by ``ReIDDataModule`` on a synthetic Market-1501 (JPEG files decoded, resized and
-  augmented by ``--workers`` loader processes; uint8 batches finished on the device, ``finish_on_device``): time
+- ``loader``: the reID step fed by ``ReIDDataModule`` on a synthetic Market-1501 (JPEG files decoded by ``--workers``
+  loader processes; the decoded uint8 images resized and augmented on the device, ``finish_on_device``): time
   blocked waiting for the next batch (and finishing it) against the step time.
 
 Training rows run under ``torch.autocast(bfloat16)`` with fp32 weights (Lightning's ``bf16-mixed``). FLOPs are
@@ -233,7 +233,7 @@ def loader_check(args: argparse.Namespace, workload: Workload, root: str) -> tup
     size = tuple(workload.task.hparams.encoder["img_size"])
     ids = 16 if args.smoke else 400
     write_market1501(os.path.join(root, "market1501"), num_train_ids=ids, num_test_ids=8, seed=0)
-    # finish_on_device: uint8 batches finished after the transfer, as a GPU trainer gets them by default.
+    # finish_on_device: decoded images resized and finished after the transfer, as a GPU trainer gets them by default.
     data = ReIDDataModule("market1501", os.path.join(root, "market1501"), img_size=size,
                           batch_size=workload.images, num_instances=4, num_workers=args.workers,
                           finish_on_device=True)

@@ -1,5 +1,5 @@
 """The fast paths of the batched training transforms: CHW resize with the flip folded in, the multiply-add
-normalisation, and uint8 batches finished after the transfer (``finish_on_device``)."""
+normalisation, and decoded uint8 batches resized and finished after the transfer (``finish_on_device``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pedlightning.data.transforms.batched import (
     finish_images,
     pack_images,
     resize,
+    resize_batch,
 )
 from pedlightning.data.transforms.regions import RegionPairTransform
 
@@ -54,15 +55,51 @@ def test_resize_gives_torchvision_pixels_in_chw_order_and_flips_exactly():
             out = resize(image, size, crop)
             assert out.is_contiguous() and torch.equal(out, expected), (case, crop)
             assert torch.equal(resize(image, size, crop, flip=True), expected.flip(-1)), (case, crop)
-            kept = resize(image, size, crop, flip=case % 3 == 0, chw=False)  # the layout for uint8 batches
-            assert torch.equal(kept, expected.flip(-1) if case % 3 == 0 else expected), (case, crop)
-            if case % 2 == 0:  # decoded (channels-last) input stays channels-last, crops included
-                assert kept.unsqueeze(0).is_contiguous(memory_format=torch.channels_last), (case, crop)
     same = _pixels(*SIZE, channels_last=True, seed=99)
     assert torch.equal(resize(same, SIZE), same) and resize(same, SIZE).is_contiguous()
     assert torch.equal(resize(same, SIZE, flip=True), same.flip(-1))
     bilinear = resize(_pixels(50, 20, True, 1), SIZE, interpolation=F2.InterpolationMode.BILINEAR)
     assert bilinear.is_contiguous() and bilinear.shape == (3, *SIZE)
+
+
+def _random_image(rng: random.Random, size: tuple[int, int], interpolation: F2.InterpolationMode,
+                  shift_range: int = 12) -> PlacedImage:
+    """A decoded image of random size with a random crop (or none), flip and shift, to be resized to ``size``."""
+    height, width = rng.randint(20, 300), rng.randint(10, 150)
+    pixels = _pixels(height, width, channels_last=rng.random() < 0.7, seed=rng.randrange(10**6))
+    top, left = rng.randint(0, height // 3), rng.randint(0, width // 3)
+    box = rng.choice([None, (top, left, rng.randint(1, height - top), rng.randint(1, width - left))])
+    shift = (rng.randint(-shift_range, shift_range), rng.randint(-shift_range, shift_range))
+    return PlacedImage(pixels, shift, None, box, size, rng.random() < 0.5, interpolation)
+
+
+def test_resize_batch_gives_exactly_the_worker_pixels_for_mixed_sizes_crops_flips_and_shifts():
+    """The device resize reproduces torch's uint8 kernels bit for bit: enlarging and shrinking, both filters,
+    images of different sizes in one canvas, identity spans, flips, shifts and shifted-out images."""
+    rng = random.Random(0)
+    for trial in range(24):
+        size = rng.choice([(256, 128), (64, 32), (17, 9)])
+        mode = (BICUBIC, F2.InterpolationMode.BILINEAR)[trial % 2]
+        images = [_random_image(rng, size, mode) for _ in range(5)]
+        images.append(PlacedImage(_pixels(*size, channels_last=True, seed=trial), (0, 0), None, None, size,
+                                  interpolation=mode))  # already at the output size
+        images.append(PlacedImage(images[0].pixels, (-400, 3), None, images[0].box, size, True, mode))  # out of frame
+        canvas, params = pack_images(images, IMAGENET_MEAN, IMAGENET_STD)
+        assert canvas.dtype == torch.uint8 and canvas.shape[-2:] == (max(i.pixels.shape[-2] for i in images),
+                                                                    max(i.pixels.shape[-1] for i in images))
+        out = resize_batch(canvas, params["box"], params["flip"], params["shift"], size, params["interpolation"])
+        expected = finish_images(images, (0, 0, 0), (1 / 255,) * 3)  # mean 0, std 1/255: the pixels as floats
+        assert torch.equal(out.float(), expected), trial
+        assert not out[-1].any()  # shifted out: all padding
+        finished = finish_batch({"image": canvas, FINISH_KEY: {"image": params}})["image"]
+        assert torch.equal(finished, finish_images(images, IMAGENET_MEAN, IMAGENET_STD)), trial
+    nearest = [_random_image(rng, (32, 16), F2.InterpolationMode.NEAREST) for _ in range(3)]
+    canvas, params = pack_images(nearest, IMAGENET_MEAN, IMAGENET_STD)  # no device filter: resized in the worker
+    assert canvas.shape == (3, 3, 32, 16) and params["interpolation"] == "bicubic" and not params["flip"].any()
+    finished = finish_batch({"image": canvas, FINISH_KEY: {"image": params}})["image"]
+    assert torch.equal(finished, finish_images(nearest, IMAGENET_MEAN, IMAGENET_STD))
+    with pytest.raises(ValueError, match="share an output size"):
+        pack_images([_random_image(rng, (32, 16), BICUBIC), _random_image(rng, (16, 8), BICUBIC)], (0,) * 3, (1,) * 3)
 
 
 def _placed(seed: int, shift: tuple[int, int], erase: tuple[int, int, int, int] | None) -> PlacedImage:
@@ -185,3 +222,44 @@ def test_finish_on_device_defaults_to_whether_the_trainer_runs_on_a_gpu():
     cpu = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     assert not finishes_on_device(None, None) and not finishes_on_device(None, cpu)
     assert finishes_on_device(True, None) and not finishes_on_device(False, cpu)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Decoded images of two sizes through the reID transform (no random draws), with integer and string keys."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> dict:
+        pixels = _pixels(40 + 8 * (index % 2), 20, channels_last=True, seed=index)
+        return {"image": self.transform(pixels), "pid": index // 2, "camid": index % 3, "path": f"{index}.jpg"}
+
+
+def test_a_worker_hands_over_the_packed_batch_in_two_storages_with_default_collate_values():
+    """Canvas and per-image numbers share one storage, the integer keys another (a worker passes each storage on its
+    own); through a real worker process the batch finishes to exactly what the in-process loader gives."""
+    transform = build_train_transform(SIZE, flip_prob=0.0, padding=0, erasing_prob=0.0, defer=True,
+                                      finish_on_device=True)
+    items = [_Decoded(transform)[i] for i in range(4)]
+    batch = collate_deferred(items)
+    params = batch[FINISH_KEY]["image"]
+    storage = batch["image"].untyped_storage().data_ptr()
+    assert all(params[k].untyped_storage().data_ptr() == storage for k in ("box", "flip", "shift", "erase"))
+    assert batch["pid"].untyped_storage().data_ptr() == batch["camid"].untyped_storage().data_ptr()
+    expected = torch.utils.data.default_collate([{k: item[k] for k in ("pid", "camid", "path")} for item in items])
+    for key in ("pid", "camid"):
+        assert batch[key].dtype == expected[key].dtype and torch.equal(batch[key], expected[key])
+    assert batch["path"] == expected["path"] and list(batch) == ["image", "pid", "camid", "path", FINISH_KEY]
+    loaders = [torch.utils.data.DataLoader(_Decoded(transform), batch_size=4, num_workers=workers,
+                                           collate_fn=collate_deferred) for workers in (0, 1)]
+    (in_process, _), (from_worker, _) = (list(loader) for loader in loaders)
+    assert from_worker["image"].shape == (4, 3, 48, 20)  # the canvas: the largest decoded size
+    for key in ("box", "flip", "shift", "erase"):
+        assert torch.equal(from_worker[FINISH_KEY]["image"][key], in_process[FINISH_KEY]["image"][key])
+    finished = finish_batch(from_worker)["image"]
+    assert finished.shape == (4, 3, *SIZE) and torch.equal(finished, finish_batch(in_process)["image"])
+    float_transform = build_train_transform(SIZE, flip_prob=0.0, padding=0, erasing_prob=0.0, defer=True)
+    assert torch.equal(finished, collate_deferred([_Decoded(float_transform)[i] for i in range(4)])["image"])

@@ -56,10 +56,10 @@ class AttributeDataModule(SourceDataModule):
             placeholder (see :mod:`pedlightning.data.datasets`).
         verify_images: decode every image of the splits a stage reads at ``setup`` (with progress), and fail
             naming every bad file, or drop them under ``skip``. Off by default: it reads the whole dataset once.
-        finish_on_device: leave training batches in uint8 for the device to convert, normalise and erase after the
-            transfer (``on_after_batch_transfer``): a quarter of the bytes to hand over, no float work in loader
-            workers; the erasing noise then comes from the device's generator. ``None``: when the trainer runs on
-            a GPU. ``False``: the loader yields finished float batches.
+        finish_on_device: loader workers only decode; the device crops, resizes, flips, shifts, normalises and
+            erases the decoded uint8 images after the transfer (``on_after_batch_transfer``), with the same pixels
+            (the erasing noise then comes from the device's generator). ``None``: when the trainer runs on a GPU.
+            ``False``: the loader yields finished float batches.
     """
 
     build_source = staticmethod(build_attribute_source)

@@ -222,9 +222,9 @@ class LUPersonDataModule(PersonImagesDataModule):
         transform: the per-sample transform (a :class:`~pedlightning.data.transforms.samples.SampleTransform`,
             e.g. :class:`~pedlightning.data.transforms.moco.TwoViewCaptionTransform`); ``None`` = the RegionA /
             RegionB pairs of the region arguments. It should yield ``img_size`` images (what ``data_spec`` states).
-        finish_on_device: leave the regions in uint8 for the device to convert and normalise after the transfer
-            (``on_after_batch_transfer``): a quarter of the bytes to hand over, no float work in loader workers
-            (a ``transform`` of its own takes part if it has a ``finish_on_device`` attribute). ``None``: when the
+        finish_on_device: loader workers only decode; the device cuts, resizes and normalises both regions from
+            the decoded uint8 image after the transfer (``on_after_batch_transfer``), with the same pixels (a
+            ``transform`` of its own takes part if it has a ``finish_on_device`` attribute). ``None``: when the
             trainer runs on a GPU. ``False``: the loader yields finished float batches.
     """
 

@@ -20,12 +20,12 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from pedlightning.data.transforms.batched import (
+    NUMBER_ROWS,
     Deferred,
     PlacedImage,
     finish_images,
     pack_images,
     pil_to_tensor,
-    resize,
 )
 from pedlightning.data.transforms.reid import IMAGENET_MEAN, IMAGENET_STD
 from pedlightning.data.transforms.samples import ImageTransform
@@ -90,11 +90,12 @@ class RegionPairTransform(ImageTransform):
         interpolation: resize filter (bicubic, as MAE).
         mean, std: normalisation of both regions.
         rng: random source; ``None`` = the ``random`` module, which PyTorch seeds in every loader worker.
-        defer: return the regions as :class:`~pedlightning.data.transforms.batched.Deferred` values, normalised
-            once per batch by ``collate_deferred`` (what the LUPerson datamodule's loaders do); the crops and
-            resizes still happen per image. Off: each call returns finished tensors.
-        finish_on_device: deferred regions are collated into uint8 batches that
-            :func:`~pedlightning.data.transforms.batched.finish_batch` normalises after the transfer to the GPU.
+        defer: return the regions as :class:`~pedlightning.data.transforms.batched.Deferred` values, resized and
+            normalised per batch by ``collate_deferred`` (what the LUPerson datamodule's loaders do). Off: each
+            call returns finished tensors.
+        finish_on_device: deferred regions are collated into batches of the decoded uint8 image that
+            :func:`~pedlightning.data.transforms.batched.finish_batch` crops, resizes and normalises after the
+            transfer to the GPU, with the same pixels.
 
     Takes a PIL image or a CHW uint8 tensor (what the LUPerson readers decode for it, ``reads_tensors``).
     """
@@ -133,10 +134,12 @@ class RegionPairTransform(ImageTransform):
         placed = None
         for name, (top, left, h, w) in (("a", crop_a), ("b", crop_b)):
             if placed is None or crop_b is not crop_a:
-                placed = PlacedImage(resize(pixels, self.size, (top, width - left - w if flip else left, h, w),
-                                            self.interpolation, flip, chw=not (self.defer and self.finish_on_device)))
+                box = (top, width - left - w if flip else left, h, w)
+                placed = PlacedImage(pixels, box=box, size=tuple(self.size), flip=flip,
+                                     interpolation=self.interpolation)
             out[f"region_{name}"] = Deferred(self, placed) if self.defer else self.finish([placed])[0]
-            out[f"box_{name}"] = torch.tensor([top / height, left / width, h / height, w / width])
+            box_fractions = (top / height, left / width, h / height, w / width)
+            out[f"box_{name}"] = Deferred(NUMBER_ROWS, box_fractions) if self.defer else torch.tensor(box_fractions)
         return out
 
     def finish(self, values: list[PlacedImage]) -> torch.Tensor:

@@ -16,7 +16,6 @@ from pedlightning.data.transforms.batched import (
     pack_images,
     pil_to_tensor,
     random_erase_box,
-    resize,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,9 +30,9 @@ class ReIDTrainTransform:
     Takes a PIL image or a CHW uint8 tensor (what the datasets decode for it: torchvision's decoders and resize
     kernels, with PIL's pixels at a fraction of its time).
 
-    Batched (:mod:`pedlightning.data.transforms.batched`): ``prepare`` resizes, flips and draws the crop and erasing
-    parameters (from Python's ``random``, which PyTorch seeds per loader worker, as for the region crops), and
-    ``finish`` applies them to a whole batch (``pack``: up to the uint8 batch, for ``finish_on_device``). Calling
+    Batched (:mod:`pedlightning.data.transforms.batched`): ``prepare`` draws the flip, crop and erasing parameters
+    (from Python's ``random``, which PyTorch seeds per loader worker, as for the region crops), and ``finish``
+    applies them to a whole batch (``pack``: the decoded images as they are, for ``finish_on_device``). Calling
     the transform on one image returns its normalised tensor, or with ``defer`` a
     :class:`~pedlightning.data.transforms.batched.Deferred` that ``collate_deferred`` finishes with the rest of the
     batch (what the training loaders of the datamodules do).
@@ -47,9 +46,9 @@ class ReIDTrainTransform:
         defer: return deferred values (for loaders collating with ``collate_deferred``).
         erasing_scale, erasing_ratio: area fraction and aspect (h / w) range of an erased region (the defaults of
             Zhong et al. and of torchvision's ``RandomErasing``).
-        finish_on_device: deferred values are collated into uint8 batches that
-            :func:`~pedlightning.data.transforms.batched.finish_batch` finishes after the transfer to the GPU (the
-            erasing noise then comes from the device's generator).
+        finish_on_device: deferred values are collated into batches of the decoded uint8 images that
+            :func:`~pedlightning.data.transforms.batched.finish_batch` resizes and finishes after the transfer to
+            the GPU, with the same pixels (the erasing noise then comes from the device's generator).
     """
 
     reads_tensors = True
@@ -67,18 +66,18 @@ class ReIDTrainTransform:
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     def prepare(self, image: Image.Image | torch.Tensor) -> PlacedImage:
-        """Resize and draw this image's augmentation (flip applied; shift and erasing are applied by ``finish``)."""
+        """Draw this image's augmentation; ``finish`` (or, ``finish_on_device``, the device) resizes, flips, shifts
+        and erases."""
         height, width = self.size
         flip = self.flip_prob > 0 and random.random() < self.flip_prob
-        pixels = resize(image if isinstance(image, torch.Tensor) else pil_to_tensor(image), self.size, flip=flip,
-                        chw=not (self.defer and self.finish_on_device))
         shift = (0, 0)
         if self.padding > 0:
             shift = (random.randint(-self.padding, self.padding), random.randint(-self.padding, self.padding))
         erase = None
         if self.erasing_prob > 0 and random.random() < self.erasing_prob:
             erase = random_erase_box(height, width, self.erasing_scale, self.erasing_ratio)
-        return PlacedImage(pixels, shift, erase)
+        pixels = image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
+        return PlacedImage(pixels, shift, erase, size=self.size, flip=flip)
 
     def finish(self, values: list[PlacedImage]) -> torch.Tensor:
         return finish_images(values, self.mean, self.std)
