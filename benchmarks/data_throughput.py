@@ -8,8 +8,8 @@ Synthetic data in the real layouts is written to a temporary folder: Market-1501
 (attributes), CUHK-PEDES (text search, one sample per caption) and LUPerson shards (PersonMAE region pairs). Each
 training loader is the one its datamodule returns, measured twice: with ``num_workers=0`` (``in-proc``: the loop
 does exactly the work of one loader worker, on one thread, without handing batches between processes) and with one
-loader worker (``1 worker``: plus the batch in shared memory and its hand-over to the main process). The reID and
-PersonMAE loaders run with the datamodules' default float batches and with ``finish_on_device`` (the workers only
+loader worker (``1 worker``: plus the batch in shared memory and its hand-over to the main process). Every loader
+runs with the datamodules' default float batches and with ``finish_on_device`` (the workers only
 decode: batches of the decoded uint8 images that the datamodule crops, resizes, flips, shifts, normalises and erases
 on the GPU after the transfer, with the same pixels; that work is not in their rate).
 The row "per-image PIL (before)" is the reID loader as it was before the batched transforms. Workers are forked
@@ -184,7 +184,10 @@ def build(tmp: str, n: int, batch_size: int) -> list[Pipeline]:
         ("reID P x K (Market-1501)", ReIDDataModule, {"root": roots["reid"]}, 1),
         ("reID P x K, finish on device", ReIDDataModule, {"root": roots["reid"], "finish_on_device": True}, 1),
         ("attributes (PA-100K)", AttributeDataModule, {"root": roots["pa"]}, 1),
+        ("attributes, finish on device", AttributeDataModule, {"root": roots["pa"], "finish_on_device": True}, 1),
         ("text search (CUHK-PEDES)", TextReIDDataModule, {"dataset": "cuhk_pedes", "root": roots["text"]}, 1),
+        ("text search, finish on device", TextReIDDataModule,
+         {"dataset": "cuhk_pedes", "root": roots["text"], "finish_on_device": True}, 1),
         ("PersonMAE pairs (LUPerson shards)", LUPersonDataModule, lup, 2),
         ("PersonMAE pairs, finish on device", LUPersonDataModule, {**lup, "finish_on_device": True}, 2),
     ]
@@ -198,7 +201,7 @@ def build(tmp: str, n: int, batch_size: int) -> list[Pipeline]:
             loaders[mode] = data.train_dataloader()
             if name.startswith("reID P x K (Market"):
                 before[mode] = per_image_baseline(data, workers)
-        key = name.split(" ")[0]
+        key = name.split(" ")[0].rstrip(",")
         if key not in files:
             if isinstance(data, LUPersonDataModule):
                 items = find_shards(roots["lup"])

@@ -17,7 +17,7 @@ Rows:
   (MSMT17's test split sizes) on the device.
 - ``loader``: the reID step fed by ``ReIDDataModule`` on a synthetic Market-1501 (JPEG files decoded by ``--workers``
   loader processes; the decoded uint8 images resized and augmented on the device, ``finish_on_device``): time
-  blocked waiting for the next batch (and finishing it) against the step time.
+  blocked waiting for the next batch (and its transfer) and time finishing it on the device, against the step time.
 
 Training rows run under ``torch.autocast(bfloat16)`` with fp32 weights (Lightning's ``bf16-mixed``). FLOPs are
 counted by ``torch.utils.flop_counter.FlopCounterMode`` on one whole step (forward and backward; a multiply-add
@@ -225,8 +225,9 @@ def eval_seconds(sizes: tuple[int, int, int, int, int], device: torch.device) ->
     return time.perf_counter() - start
 
 
-def loader_check(args: argparse.Namespace, workload: Workload, root: str) -> tuple[float, float]:
-    """Median ms blocked on the next batch and median ms of the step, reID step fed by ReIDDataModule."""
+def loader_check(args: argparse.Namespace, workload: Workload, root: str) -> tuple[float, float, float]:
+    """Median ms blocked on the next batch (and its transfer), of finishing it on the device (resize, normalise,
+    erase: ``on_after_batch_transfer``) and of the step, reID step fed by ReIDDataModule."""
     from pedlightning.data.datamodules import ReIDDataModule
     from pedlightning.data.synthetic import write_market1501
 
@@ -239,7 +240,7 @@ def loader_check(args: argparse.Namespace, workload: Workload, root: str) -> tup
                           finish_on_device=True)
     data.prepare_data()
     data.setup("fit")
-    waits, steps = [], []
+    waits, finishes, steps = [], [], []
     batches = iter(data.train_dataloader())
     for i in range(args.warmup + args.loader_steps):
         start = time.perf_counter()
@@ -248,14 +249,18 @@ def loader_check(args: argparse.Namespace, workload: Workload, root: str) -> tup
             batches = iter(data.train_dataloader())
             batch = next(batches)
         batch = {k: v.to(workload.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch = data.on_after_batch_transfer(batch, 0)
+        sync(workload.device)
         got = time.perf_counter()
+        batch = data.on_after_batch_transfer(batch, 0)
+        sync(workload.device)
+        finished = time.perf_counter()
         workload.step(batch)
         sync(workload.device)
         if i >= args.warmup:
             waits.append(got - start)
-            steps.append(time.perf_counter() - got)
-    return statistics.median(waits) * 1e3, statistics.median(steps) * 1e3
+            finishes.append(finished - got)
+            steps.append(time.perf_counter() - finished)
+    return tuple(statistics.median(times) * 1e3 for times in (waits, finishes, steps))
 
 
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -315,9 +320,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
                      "seconds": seconds, "queries/s": sizes[0] / seconds})
     if "loader" in args.rows:
         with tempfile.TemporaryDirectory() as root:
-            wait_ms, step_ms = loader_check(args, reid, root)
-        rows.append({"row": f"loader ({args.workers} workers)", "wait ms": wait_ms, "step ms": step_ms,
-                     "wait share %": 100 * wait_ms / (wait_ms + step_ms)})
+            wait_ms, finish_ms, step_ms = loader_check(args, reid, root)
+        rows.append({"row": f"loader ({args.workers} workers)", "wait ms": wait_ms, "finish ms": finish_ms,
+                     "step ms": step_ms, "wait share %": 100 * wait_ms / (wait_ms + finish_ms + step_ms),
+                     "finish share %": 100 * finish_ms / (wait_ms + finish_ms + step_ms)})
     print_table(rows, device, args)
     return rows
 

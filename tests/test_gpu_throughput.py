@@ -27,7 +27,7 @@ def test_smoke_prints_every_row_with_positive_numbers(capsys):
                 "personmae r=0": ("images/s", "GFLOP/img", "MFU %"), "personmae r=0.5": ("images/s", "GFLOP/img"),
                 "personmae r=0.75": ("images/s", "GFLOP/img"), "valpat": ("images/s", "GFLOP/img", "MFU %"),
                 "eval smoke 64x512x32": ("seconds", "queries/s"),
-                "loader (0 workers)": ("wait ms", "step ms", "wait share %")}
+                "loader (0 workers)": ("wait ms", "finish ms", "step ms", "wait share %", "finish share %")}
     assert set(expected) <= set(table), sorted(table)
     for name, keys in expected.items():
         cells = dict(re.fullmatch(r"(.+?) (\S+)", cell.strip()).groups() for cell in table[name].split("|")[1:])

@@ -113,6 +113,16 @@ def test_reid_chance_baseline_follows_the_rule():
         assert model.evaluate_features(QUERY, GALLERY, query, gallery)["mAP"] == pytest.approx(expected["mAP"])
 
 
+def test_reid_chance_baseline_uses_the_distance_of_the_task():
+    """Cosine ranks the distant, well-aligned gallery item first, euclidean the near, misaligned one."""
+    query = {"pids": torch.tensor([0]), "camids": torch.tensor([0])}
+    gallery = {"pids": torch.tensor([0, 1]), "camids": torch.tensor([1, 1])}
+    feats_q, feats_g = torch.tensor([[1.0, 0.0]]), torch.tensor([[5.0, 0.5], [0.8, 0.5]])
+    for metric, expected in (("cosine", 1.0), ("euclidean", 0.5)):
+        model = ReIDModule(TINY_R50, num_classes=2, metric=metric)
+        assert model.evaluate_features(feats_q, feats_g, query, gallery)["mAP"] == pytest.approx(expected)
+
+
 def test_text_search_and_lcr2s_pass_the_rule_to_their_metrics():
     text = TextReIDModule(ImageEncoderConfig("open_clip:clip_tiny_test", (64, 32), drop_path_rate=0.0),
                           TextEncoderConfig("clip_tiny_test"), num_classes=2, ties="gallery_order")

@@ -150,7 +150,7 @@ class ReIDModule(RetrievalTask):
     def evaluate_features(self, query_feats: Tensor, gallery_feats: Tensor, query: dict[str, Tensor],
                           gallery: dict[str, Tensor]) -> dict[str, float]:
         return reid_evaluate(query_feats, gallery_feats, query["pids"], gallery["pids"], query["camids"],
-                             gallery["camids"], ties=self.hparams.ties)
+                             gallery["camids"], metric=self.hparams.metric, ties=self.hparams.ties)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp, pids = self.hparams, batch["pid"]
