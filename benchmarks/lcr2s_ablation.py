@@ -45,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from ablation_cli import ablation_parser, parse_with_presets  # noqa: E402  # benchmarks/ablation_cli.py
 from paired import summarise  # noqa: E402  # benchmarks/paired.py (scripts run from this folder)
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -156,9 +157,7 @@ def run_seed(seed: int, root: str, args: argparse.Namespace, workdir: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, tiny data, 2 + 2 epochs (a smoke run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser = ablation_parser(__doc__.split("\n\n")[0], "2 seeds, tiny data, 2 + 2 epochs (a smoke run)")
     parser.add_argument("--teacher-epochs", type=int, default=None)
     parser.add_argument("--student-epochs", type=int, default=None)
     parser.add_argument("--train-ids", type=int, default=None)
@@ -169,12 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of every arm (see above)")
     parser.add_argument("--data", default=None, help="where the synthetic set is written (default: a temp folder)")
     parser.add_argument("--out", default="runs/bench/lcr2s_ablation.json")
-    args = parser.parse_args(argv)
     quick = {"seeds": [0, 1], "teacher_epochs": 2, "student_epochs": 2, "train_ids": 16}
     full = {"seeds": [0, 1, 2], "teacher_epochs": 16, "student_epochs": 16, "train_ids": 128}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_with_presets(parser, argv, quick, full)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:

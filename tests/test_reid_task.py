@@ -159,3 +159,19 @@ def test_test_time_options_name_evaluation_arguments_of_each_task():
     assert TextReIDModule.test_time_options == ("ties", "report_chance")
     for cls in (ReIDModule, TextReIDModule):
         assert set(cls.test_time_options) <= set(inspect.signature(cls).parameters), cls
+
+
+def test_weight_averaging_copies_the_classifier_sized_from_the_data(tmp_path, synthetic_market):
+    """Lightning's EMA callback copies the model in its setup, before the task's own: ``configure_model`` sizes the
+    classifier from the data first, so the average holds it, and after fit the model carries the averaged weights."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    ema = EMAWeightAveraging(decay=0.5)
+    model = ReIDModule(ImageEncoderConfig("resnet_tiny_test", (64, 32)), report_chance=False,
+                       optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert model.head is None  # num_classes comes from the data
+    _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[ema]).fit(model, _data(synthetic_market))
+    averaged = dict(ema._average_model.module.named_parameters())
+    assert averaged["head.classifier.weight"].shape == model.head.classifier.weight.shape
+    for name, param in model.named_parameters():  # fit ends with the average copied into the model
+        assert torch.equal(param, averaged[name]), name

@@ -34,13 +34,14 @@ class BNNeck(nn.Module):
 
 
 class AttributeHead(nn.Module):
-    """One logit per attribute from the pooled feature: Linear then BatchNorm1d (Jia et al.'s classifier)."""
+    """One logit per attribute from the pooled feature: Linear, then BatchNorm1d with ``batch_norm`` (Jia et al.'s
+    classifier in their paper; their released PA-100K config turns the BN off)."""
 
-    def __init__(self, in_dim: int, num_attributes: int):
+    def __init__(self, in_dim: int, num_attributes: int, batch_norm: bool = True):
         super().__init__()
         self.num_attributes = num_attributes
         self.fc = nn.Linear(in_dim, num_attributes)
-        self.bn = nn.BatchNorm1d(num_attributes)
+        self.bn = nn.BatchNorm1d(num_attributes) if batch_norm else nn.Identity()
 
     def forward(self, feats: Tensor) -> Tensor:
         return self.bn(self.fc(feats))

@@ -56,6 +56,8 @@ class AttributeModule(TaskModule):
             attributes only) or ``false_positive`` (it counts as predicted, lowering precision and accuracy: the
             strong baseline's code). mA never sees unlabelled targets; without them both give the same numbers.
             See :func:`pedlightning.metrics.attribute_metrics`.
+        classifier_bn: BatchNorm1d after the linear classifier (on: the paper's head; the authors' released
+            PA-100K config, ``CLASSIFIER.BN: False``, has none).
         optimizer, weight_decay, lr_schedule, warmup_epochs, min_lr_ratio: see :class:`TaskModule`; defaults
             follow the baseline (Adam, weight decay 5e-4; Assumption: cosine decay instead of its plateau decay).
         optimization: the other options of :class:`TaskModule` by name (``warmup_start_factor``,
@@ -76,7 +78,7 @@ class AttributeModule(TaskModule):
                  num_attributes: int | None = None,
                  attribute_names: list[str] | None = None, positive_ratio: list[float] | None = None,
                  weighted_loss: bool = True, threshold: float = 0.5,
-                 unlabelled_predictions: UnlabelledPredictions = "ignore",
+                 unlabelled_predictions: UnlabelledPredictions = "ignore", classifier_bn: bool = True,
                  optimizer: OptimizerCallable = torch.optim.Adam, weight_decay: float = 5e-4,
                  lr_schedule: Schedule = "cosine", warmup_epochs: float = 0.0, min_lr_ratio: float = 0.01,
                  **optimization: Any):
@@ -97,18 +99,21 @@ class AttributeModule(TaskModule):
         for name, value in (("positive_ratio", hp.positive_ratio), ("attribute_names", hp.attribute_names)):
             if value is not None and len(value) != num_attributes:
                 raise ConfigError(f"model.{name} has {len(value)} entries but num_attributes is {num_attributes}")
-        self.head = AttributeHead(self.encoder.embed_dim, num_attributes)
+        self.head = AttributeHead(self.encoder.embed_dim, num_attributes, batch_norm=hp.classifier_bn)
         ratio = torch.full((num_attributes,), float("nan")) if hp.positive_ratio is None else \
             torch.tensor(hp.positive_ratio, dtype=torch.float32)
         self.register_buffer("positive_ratio", ratio)
         self.hparams.num_attributes = num_attributes
 
+    def size_from_data(self, stage: str) -> None:
+        self.count_from_data("num_attributes", self.head.num_attributes if self.head is not None else None,
+                             self._build_head)
+
     def setup(self, stage: str) -> None:
         spec = self.data_spec
         if spec is not None:
             self.check_image_size(spec, self.hparams.encoder)
-        self.count_from_data("num_attributes", self.head.num_attributes if self.head is not None else None,
-                             self._build_head)
+        self.size_from_data(stage)
         if spec is not None:
             if self.hparams.attribute_names is None and spec.attribute_names is not None:
                 self.hparams.attribute_names = list(spec.attribute_names)

@@ -180,6 +180,19 @@ class TaskModule(L.LightningModule):
         return [role for role, config in self.recipe_pretrained_encoders()
                 if warn_if_untrained(config, spec.source, synthetic=synthetic, role=role)]
 
+    def size_from_data(self, stage: str) -> None:
+        """Build the parts the data sizes (a classifier over its identities or attributes) that the configuration
+        leaves unsized; idempotent (a built part is checked against the data instead). Tasks with such parts
+        override it and call it from ``setup``."""
+
+    def configure_model(self) -> None:
+        """:meth:`size_from_data`, so that a callback copying the model in its own ``setup`` copies the data-sized
+        parts too: Lightning sets callbacks up before the LightningModule, and its ``EMAWeightAveraging`` (any
+        ``WeightAveraging``) calls this hook before it copies."""
+        if self._trainer is not None:
+            fn = self.trainer.state.fn
+            self.size_from_data(fn.value if fn is not None else "fit")
+
     def on_train_start(self) -> None:
         """The from-scratch warning, once the data is set up; this hook because the tasks' own ``setup`` and
         ``on_fit_start`` do not call the base's."""

@@ -120,11 +120,14 @@ class ReIDModule(RetrievalTask):
         return ReIDMetric(metric=hp.metric, rerank=hp.rerank, k1=hp.k1, k2=hp.k2, lambda_value=hp.lambda_value,
                           ties=hp.ties)
 
+    def size_from_data(self, stage: str) -> None:
+        self.count_from_data("num_classes", self.head.num_classes if self.head is not None else None,
+                             self._build_head, check=stage == "fit")
+
     def setup(self, stage: str) -> None:
         if self.data_spec is not None:
             self.check_image_size(self.data_spec, self.hparams.encoder)
-        self.count_from_data("num_classes", self.head.num_classes if self.head is not None else None,
-                             self._build_head, check=stage == "fit")
+        self.size_from_data(stage)
 
     def forward(self, images: Tensor) -> Tensor:
         """Evaluation embedding of a batch of images (flip-averaged when ``flip_test``)."""

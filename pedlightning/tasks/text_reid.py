@@ -122,6 +122,10 @@ class TextReIDModule(RetrievalTask):
         if spec is not None:
             self.check_image_size(spec, hp.image_encoder)
             spec.check_equal("context_length", self.text_encoder.context_length, task)
+        self.size_from_data(stage)
+
+    def size_from_data(self, stage: str) -> None:
+        hp, spec, task = self.hparams, self.data_spec, type(self).__name__
         n = spec.num_classes if spec is not None else None
         if hp.num_classes is None:
             if n is None and hp.id_weight > 0:
